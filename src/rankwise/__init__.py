@@ -25,14 +25,52 @@ _LAZY = {
     "models": ("rankwise.models", None),
     "inspect": ("rankwise.inspect", None),
     "io": ("rankwise.io", None),
+    "adapt": ("rankwise.adapt", None),
+    "optim": ("rankwise.optim", None),
+    "layers": ("rankwise.layers", None),
+    "compress": ("rankwise.compress", None),
+    "adapt_": ("rankwise.adapt", "adapt_"),
     "load_model": ("rankwise.models", "load_model"),
     "load_tokenizer": ("rankwise.models", "load_tokenizer"),
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [
+    "__version__",
+    "adapt",
+    "adapt_",
+    "calibrate",
+    "compress",
+    "data",
+    "eval",
+    "inspect",
+    "io",
+    "layers",
+    "linalg",
+    "load_model",
+    "load_tokenizer",
+    "models",
+    "optim",
+    "profiling",
+    "surgery",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankwise import calibrate, data, eval, inspect, io, linalg, models, profiling, surgery
+    from rankwise import (
+        adapt,
+        calibrate,
+        compress,
+        data,
+        eval,
+        inspect,
+        io,
+        layers,
+        linalg,
+        models,
+        optim,
+        profiling,
+        surgery,
+    )
+    from rankwise.adapt import adapt_
     from rankwise.models import load_model, load_tokenizer
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+# On a busy machine OpenMP's spin-waiting threads slow torch down several-fold; the CLI runs
+# one job at a time, so passive waiting costs nothing. Set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Subcommand modules, in the order `rankwise --help` lists them.
-_SUBCOMMANDS: tuple[str, ...] = ()
+_SUBCOMMANDS: tuple[str, ...] = ("eval", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

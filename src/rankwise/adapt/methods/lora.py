@@ -1,0 +1,114 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) with the rsLoRA scale (Kalajdzievski 2023, 2312.03732).
+
+    y = W x + b + s · B A dropout(x),   A (r, in), B (out, r),   s = α/r  (rsLoRA: α/√r)
+
+Init as PEFT's ``init_lora_weights=True`` (adapters.md §1): A ~ kaiming_uniform(a=√5), i.e.
+U(−1/√in, 1/√in), B = 0, so the adapted model equals the base at init; ``init="gaussian"``
+draws A ~ N(0, 1/r) (PEFT's std 1/r). Embedding layers are the other way round (A = 0,
+B ~ N(0, 1)), as PEFT. Draws use the layer's seeded generator, never the global RNG.
+Defaults are PEFT's LoraConfig: r = 8, α = 8, dropout 0.
+
+`LoRABase` holds the A/B machinery that DoRA and PiSSA reuse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.adapt.context import InitContext
+from rankwise.adapt.geometry import Geometry
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(MethodConfig):
+    """LoRA options.
+
+    Attributes:
+        rank: r.
+        alpha: α; the branch is scaled by α/r (α/√r with `use_rslora`). PEFT default 8.
+        dropout: dropout probability on the adapter input (training only).
+        use_rslora: scale by α/√r (rsLoRA) instead of α/r.
+        init: "kaiming" (PEFT's default) or "gaussian" for A; B = 0 either way.
+    """
+
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
+            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_probability("dropout", self.dropout)
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        """s = α/r, or α/√r with rsLoRA."""
+        return AdapterMethod.lora_scale(self.alpha, self.rank, self.use_rslora)
+
+
+class LoRABase(AdapterMethod):
+    """A (r, in), B (out, r) trainable; forward ``base_out + s · B A dropout(x)``."""
+
+    config: LoRAConfig
+    layer_kinds = frozenset({"linear", "conv1d", "embedding", "conv2d"})
+
+    def __init__(self, config: LoRAConfig, geometry: Geometry) -> None:
+        super().__init__(config, geometry)
+        self.check_rank(config.rank)
+        dtype = self.param_dtype(geometry)
+        device = geometry.module.weight.device
+        r, n_in, n_out = config.rank, self.in_features, self.out_features
+        self.A = nn.Parameter(torch.zeros(r, n_in, dtype=dtype, device=device))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))  # (out, r)
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def initialize(self, ctx: InitContext) -> None:
+        """PEFT's default init: A kaiming-uniform (or gaussian), B = 0; embeddings swapped."""
+        gen = ctx.generator
+        r, n_in = self.A.shape
+        with torch.no_grad():
+            if ctx.geometry.kind == "embedding":
+                self.A.zero_()
+                self.B.copy_(torch.randn(self.B.shape, generator=gen))
+                return
+            if self.config.init == "gaussian":
+                a = torch.randn(r, n_in, generator=gen) / r
+            else:
+                # kaiming_uniform(a=√5) on an (r, in) weight: bound = 1/√in
+                bound = 1.0 / math.sqrt(n_in)
+                a = (torch.rand(r, n_in, generator=gen) * 2 - 1) * bound
+            self.A.copy_(a)
+            self.B.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A (out, in)."""
+        return self.scale * (self.B @ self.A)
+
+    def lora_branch(self, x: torch.Tensor, geo: Geometry) -> torch.Tensor:
+        """s · B A dropout(x) in the adapter dtype, without forming B A."""
+        if not geo.takes_indices:
+            x = self.dropout(x.to(self.A.dtype))
+        return self.scale * geo.apply_features(geo.apply_in(x, self.A), self.B)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, geo: Geometry) -> torch.Tensor:
+        return base_out + self.lora_branch(x, geo).to(base_out.dtype)
+
+
+@register_method("lora")
+class LoRA(LoRABase):
+    """Low-rank adaptation; the ``rslora`` preset sets ``use_rslora=True``."""
+
+    config_cls = LoRAConfig
+
+
+register_method("rslora", LoRA, use_rslora=True)

@@ -1,0 +1,279 @@
+"""Export and import LoRA, rsLoRA, DoRA and PiSSA adapters in PEFT's on-disk format.
+
+PEFT's format (peft ``PeftModel.save_pretrained``; read in peft 0.21): a directory with
+
+    adapter_config.json        LoraConfig fields: peft_type "LORA", r, lora_alpha, use_rslora,
+                               use_dora, init_lora_weights, target_modules, rank_pattern, ...
+    adapter_model.safetensors  "base_model.model.<fqn>.lora_A.weight" (r, in),
+                               "...lora_B.weight" (out, r), DoRA "...lora_magnitude_vector"
+                               (out,); embeddings "...lora_embedding_A" (r, num_embeddings) and
+                               "...lora_embedding_B" (dim, r); Conv2d A (r, C_in, kh, kw),
+                               B (out, r, 1, 1), magnitude (1, out, 1, 1)
+
+These are our (out, in)-layout factors under other names, so LoRA/rsLoRA/DoRA convert exactly.
+We write ``target_modules`` as the exact layer names, and ``rank_pattern`` / ``alpha_pattern``
+only when layers differ.
+
+PiSSA (PEFT mutates the base weight to W_res, adapters.md §3). Both directions work from the
+*original* base weights:
+
+* ``pissa_as="lora"`` (default): the PiSSA adapter becomes a plain rank-2r LoRA on the original
+  W, exactly as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``:
+  A' = [A; A₀], B' = [B, −B₀], α' = 2α (√2·α with rsLoRA), so s'·B'A' = s(BA − B₀A₀) and
+  W + s'·B'A' = W_res + s·BA. Loads anywhere, combines with other adapters.
+* ``pissa_as="pissa"``: native, ``init_lora_weights="pissa"`` with the trained A, B. Given the
+  original base, ``PeftModel.from_pretrained`` re-runs its SVD to rebuild W_res and then loads
+  A, B; we do the same on import. Exact SVD only (a ``pissa_niter_K`` init is randomized and
+  cannot be rebuilt: convert it to LoRA instead).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise import io
+from rankwise.adapt.api import adapter_layers
+from rankwise.adapt.context import InitContext, ModelData
+from rankwise.adapt.geometry import Geometry
+from rankwise.adapt.layer import AdapterLayer
+from rankwise.adapt.method import AdapterMethod
+from rankwise.adapt.methods.dora import DoRA
+from rankwise.adapt.methods.lora import LoRA, LoRAConfig
+from rankwise.adapt.methods.pissa import PiSSA, PiSSAConfig
+from rankwise.adapt.serialization import install_layers
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_BASE_FREE_INITS = (True, False, "gaussian", "eva", "true", "false")
+
+
+def _peft_tensors(fqn: str, method: AdapterMethod, geo: Geometry, A: torch.Tensor,
+                  B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PEFT's keys and shapes for one layer's factors (and DoRA magnitude)."""
+    key = PREFIX + fqn
+    if geo.kind == "embedding":
+        return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}
+    if geo.kind == "conv2d":
+        A = A.reshape(A.shape[0], *geo.module.weight.shape[1:])
+        B = B[:, :, None, None]
+    out = {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}
+    if isinstance(method, DoRA):
+        mag = method.magnitude.detach()
+        out[f"{key}.lora_magnitude_vector"] = mag.view(1, -1, 1, 1) if geo.kind == "conv2d" else mag
+    return out
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str = "lora") -> Path:
+    """Write `model`'s adapters as a PEFT LoRA adapter directory; returns the path.
+
+    Args:
+        model: a model adapted with lora, rslora, dora or pissa (one kind for all layers).
+        path: output directory.
+        pissa_as: "lora" (rank-2r LoRA on the original base) or "pissa" (native; see module doc).
+    """
+    if pissa_as not in ("lora", "pissa"):
+        raise ValueError(f"pissa_as must be 'lora' or 'pissa', got {pissa_as!r}")
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no adapter layers; call adapt_ first")
+    kinds = set()
+    for fqn, layer in layers.items():
+        m = layer.adapter
+        if type(m) not in (LoRA, DoRA, PiSSA):
+            raise ValueError(
+                f"layer {fqn!r} uses method {m.name!r}, which PEFT's LoRA format cannot hold "
+                "(it holds lora, rslora, dora, pissa): use rankwise.adapt.save_adapter"
+            )
+        kinds.add((type(m), m.config.use_rslora, m.config.dropout))
+    if len(kinds) > 1:
+        raise ValueError(
+            "PEFT's config is global but these layers differ in method, use_rslora or dropout "
+            f"({sorted((k[0].__name__, k[1], k[2]) for k in kinds)}): export one kind at a time"
+        )
+    cls, use_rslora, dropout = kinds.pop()
+    if cls is PiSSA and pissa_as == "pissa":
+        if any(layer.adapter.config.niter is not None for layer in layers.values()):
+            raise ValueError(
+                "a PiSSA adapter built with a randomized SVD (niter) cannot be re-derived by "
+                "PEFT from the base: export it with pissa_as='lora'"
+            )
+    convert = cls is PiSSA and pissa_as == "lora"
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for fqn, layer in layers.items():
+        m = layer.adapter
+        A, B = m.A.detach(), m.B.detach()
+        rank, alpha = m.config.rank, float(m.config.alpha)
+        if convert:
+            A = torch.cat([A, m.A_init], dim=0)  # (2r, in)
+            B = torch.cat([B, -m.B_init], dim=1)  # (out, 2r)
+            rank, alpha = 2 * rank, alpha * (math.sqrt(2) if use_rslora else 2.0)
+        tensors.update(_peft_tensors(fqn, m, layer.geometry, A.clone(), B.clone()))
+        ranks[fqn], alphas[fqn] = rank, alpha
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    a = Counter(alphas.values()).most_common(1)[0][0]
+    kinds_present = {layer.geometry.kind for layer in layers.values()}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
+        "r": r,
+        "lora_alpha": a,
+        "lora_dropout": dropout,
+        "use_rslora": use_rslora,
+        "use_dora": cls is DoRA,
+        "init_lora_weights": "pissa" if (cls is PiSSA and not convert) else True,
+        "target_modules": sorted(layers),
+        "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != a},
+        "fan_in_fan_out": "conv1d" in kinds_present,
+        "bias": "none",
+        "lora_bias": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    io.save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    io.write_json(out / CONFIG_NAME, config)
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], fqn: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key k with re.match(rf"(.*\\.)?({k})$", fqn)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", fqn):
+            return value
+    return default
+
+
+def _group_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, Any]]:
+    """{fqn: {"A": ..., "B": ..., "magnitude": ...}} from PEFT's keys."""
+    suffixes = {
+        ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A",
+        ".lora_embedding_B": "B", ".lora_magnitude_vector": "magnitude",
+        ".lora_magnitude_vector.weight": "magnitude",
+    }
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(PREFIX)
+        for suffix, slot in suffixes.items():
+            if name.endswith(suffix):
+                grouped.setdefault(name[: -len(suffix)], {})[slot] = value
+                if suffix.startswith(".lora_embedding"):
+                    grouped[name[: -len(suffix)]]["embedding"] = True
+                break
+        else:
+            raise ValueError(
+                f"{source}: tensor {key!r} is not a LoRA/DoRA tensor (lora bias, "
+                "modules_to_save and other PEFT extras are not supported)"
+            )
+    return grouped
+
+
+def _check_config(cfg: dict[str, Any], source: str) -> str:
+    """Validate a PEFT config and return the rankwise method name it maps to."""
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{source} is a PEFT {cfg.get('peft_type')!r} adapter: import_peft reads LORA "
+            "adapters (LoRA, rsLoRA, DoRA, PiSSA)"
+        )
+    for field_, ok in (("bias", "none"), ("lora_bias", False), ("modules_to_save", None)):
+        if cfg.get(field_, ok) not in (ok, [], {}):
+            raise ValueError(f"{source}: {field_}={cfg[field_]!r} is not supported (needs {ok!r})")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith("pissa"):
+        if init != "pissa":
+            raise ValueError(
+                f"{source} uses init_lora_weights={init!r}, a randomized SVD whose residual "
+                "base cannot be rebuilt exactly: save it in PEFT with "
+                "path_initial_model_for_weight_conversion (a plain LoRA) and import that"
+            )
+        if cfg.get("use_dora"):
+            raise ValueError(f"{source}: PiSSA with DoRA is not supported")
+        return "pissa"
+    if init not in _BASE_FREE_INITS:
+        raise ValueError(
+            f"{source} uses init_lora_weights={init!r}, which changes the base weights: convert "
+            "it in PEFT with path_initial_model_for_weight_conversion and import the result"
+        )
+    if cfg.get("use_dora"):
+        return "dora"
+    return "rslora" if cfg.get("use_rslora") else "lora"
+
+
+def import_peft(
+    model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True
+) -> nn.Module:
+    """Load a PEFT LoRA/rsLoRA/DoRA/PiSSA adapter directory onto `model` (the original base).
+
+    Raises:
+        ValueError: not a supported PEFT adapter, or the model lacks a layer or has another
+            shape there (a different base model).
+    """
+    src = Path(path)
+    cfg = io.read_json(src / CONFIG_NAME)
+    method = _check_config(cfg, str(src))
+    grouped = _group_tensors(io.load_tensors(src / WEIGHTS_NAME), str(src))
+    if not grouped:
+        raise ValueError(f"{src}: {WEIGHTS_NAME} holds no LoRA tensors")
+    modules = dict(model.named_modules())
+    built: dict[str, tuple[nn.Module, AdapterMethod, Geometry]] = {}
+    for fqn, parts in grouped.items():
+        if "A" not in parts or "B" not in parts:
+            raise ValueError(f"{src}: layer {fqn!r} lacks lora_A or lora_B: the file is incomplete")
+        module = modules.get(fqn)
+        if module is None:
+            raise ValueError(
+                f"PEFT adapter {src} was made for a different base model: layer {fqn!r} is not "
+                f"in this {type(model).__name__}"
+            )
+        if isinstance(module, AdapterLayer):
+            raise ValueError(
+                f"layer {fqn!r} already has an adapter; call unload_ or merge_and_unload first"
+            )
+        geo = Geometry(module)
+        A = parts["A"].reshape(parts["A"].shape[0], -1)  # (r, in)
+        B = parts["B"].reshape(parts["B"].shape[0], -1)  # (out, r)
+        rank = A.shape[0]
+        if A.shape[1] != geo.in_features or B.shape != (geo.out_features, rank):
+            raise ValueError(
+                f"PEFT adapter {src} was made for a different base model: layer {fqn!r} has "
+                f"(out, in) = {geo.shape} here but the adapter's factors are A {tuple(A.shape)}, "
+                f"B {tuple(B.shape)}"
+            )
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, fqn, cfg.get("lora_alpha", 8)))
+        options = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                       use_rslora=bool(cfg.get("use_rslora", False)))
+        adapter: AdapterMethod
+        if method == "pissa":
+            adapter = PiSSA(PiSSAConfig(**options), geo)
+            # rebuild W_res from the original base exactly as PEFT does on load: a fresh SVD
+            data = ModelData(all_shapes={fqn: geo.shape})
+            adapter.initialize(InitContext(fqn, geo, data))
+        else:
+            cls = DoRA if method == "dora" else LoRA
+            adapter = cls(LoRAConfig(**options), geo)
+            if method == "dora":
+                if "magnitude" not in parts:
+                    raise ValueError(f"{src}: DoRA layer {fqn!r} lacks lora_magnitude_vector")
+                with torch.no_grad():
+                    adapter.magnitude.copy_(parts["magnitude"].reshape(-1))
+        with torch.no_grad():
+            adapter.A.copy_(A)
+            adapter.B.copy_(B)
+        adapter.preset = method
+        built[fqn] = (module, adapter, geo)
+    install_layers(model, built, trainable=trainable)
+    return model

@@ -1,0 +1,85 @@
+"""rankwise.linalg: the one home of the low-rank math (pure tensor functions, no nn.Module).
+
+Only code in this package calls torch.linalg.{svd, eigh, cholesky, qr} or torch.svd_lowrank
+(a ruff rule bans them elsewhere). Conventions: weights are (out, in) = (m, n); a factorised
+layer is B (m, r) @ A (r, n); factorisations run in fp32 (fp64 input stays fp64) and Grams,
+Cholesky and eigh in fp64; results come back in that compute dtype for the caller to cast.
+
+Modules: svd (exact/truncated/randomized SVD, balanced factors), bases (DCT, Haar, column
+selection), project (GaLore one-sided projections), rank (break-even, ratio/energy/budget rules,
+allocation), whiten (Cholesky/eigh whiteners), quant (blockwise int8/int4), spectral (diagnostic
+metrics; imported lazily as rankwise.linalg.spectral).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from rankwise.linalg.bases import dct_basis, random_orthonormal, select_aligned_columns
+from rankwise.linalg.project import project_down, project_up, projection_side
+from rankwise.linalg.quant import QuantizedTensor, dequantize_blockwise, quantize_blockwise
+from rankwise.linalg.rank import (
+    allocate,
+    break_even_rank,
+    factorized_params,
+    heavy_tail_rank,
+    rank_for_budget,
+    rank_for_energy,
+    rank_for_ratio,
+)
+from rankwise.linalg.svd import (
+    default_oversample,
+    low_rank_approx,
+    make_generator,
+    orthonormalize,
+    randomized_svd,
+    split_factors,
+    svd,
+    svdvals,
+    truncated_svd,
+)
+from rankwise.linalg.whiten import cholesky, cholesky_whitener, eigh, eigh_whitener, inverse_lower
+
+__all__ = [
+    "QuantizedTensor",
+    "allocate",
+    "break_even_rank",
+    "cholesky",
+    "cholesky_whitener",
+    "dct_basis",
+    "default_oversample",
+    "dequantize_blockwise",
+    "eigh",
+    "eigh_whitener",
+    "factorized_params",
+    "heavy_tail_rank",
+    "inverse_lower",
+    "low_rank_approx",
+    "make_generator",
+    "orthonormalize",
+    "project_down",
+    "project_up",
+    "projection_side",
+    "quantize_blockwise",
+    "random_orthonormal",
+    "randomized_svd",
+    "rank_for_budget",
+    "rank_for_energy",
+    "rank_for_ratio",
+    "select_aligned_columns",
+    "spectral",
+    "split_factors",
+    "svd",
+    "svdvals",
+    "truncated_svd",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # spectral (owned separately) loads on first use: `rankwise.linalg.spectral.effective_rank(S)`.
+    if name == "spectral":
+        module = importlib.import_module("rankwise.linalg.spectral")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'rankwise.linalg' has no attribute {name!r}")

@@ -1,0 +1,249 @@
+"""Singular value decompositions: exact, truncated and randomized (Halko, Martinsson, Tropp 2011).
+
+Dtype policy (design rule 5): every function here computes in fp32 at least. float16/bfloat16
+inputs are upcast to fp32, fp32 stays fp32, fp64 stays fp64, and the results are returned in that
+*compute* dtype; callers cast factors back to the model dtype themselves (so that a bf16 weight
+is never factorised in bf16 by accident).
+
+Shapes: A (..., m, n) -> U (..., m, r), S (..., r), Vh (..., r, n); leading dims are a batch.
+
+Randomized SVD (HMT Algorithm 4.4 + 5.1, "randomized subspace iteration"), with l = rank + p:
+    Y = A Omega, Q = orth(Y)                        Omega (n, l) Gaussian
+    repeat q times: Z = orth(A^T Q); Q = orth(A Z)  QR after every product (HMT §4.5)
+    B = Q^T A;  B = U_B S V^T;  U = Q U_B           keep the top `rank` triplets
+It runs on the tall orientation (A^T when m < n), so the final small SVD is over min(m, n)
+columns, and it takes that small SVD through a QR of B^T (n, l) and an SVD of the l x l factor:
+LAPACK's SVD of the wide l x n matrix B costs 3-7x more than the QR route (measured in
+benchmarks/linalg.py).
+
+Defaults (measured by benchmarks/linalg.py, 2 CPU cores, fp32):
+- power_iters = 2 (HMT; the method card's suggestion): q = 1 is 5-10x worse on slow decays.
+- oversample = max(10, ceil(rank / 8)): with a fixed p = 10 the Frobenius error excess grows
+  with rank (the HMT bound scales with rank / (p - 1)) and passes 1 % at rank 256; p = rank / 8
+  holds it under ~1 % for rank <= 256 while costing only ~6 % more than p = 10 there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from rankwise.linalg._checks import (
+    compute_dtype,
+    raise_if_nonfinite,
+    validate_int,
+    validate_matrix,
+    validate_rank,
+)
+
+__all__ = [
+    "default_oversample",
+    "low_rank_approx",
+    "make_generator",
+    "orthonormalize",
+    "randomized_svd",
+    "split_factors",
+    "svd",
+    "svdvals",
+    "truncated_svd",
+]
+
+Seed = int | torch.Generator | None
+
+
+def svd(A: torch.Tensor, full_matrices: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact SVD A = U diag(S) Vh in the compute dtype (fp32, or fp64 for fp64 input).
+
+    Args:
+        A: (..., m, n) real floating tensor, finite.
+        full_matrices: as torch.linalg.svd (False: k = min(m, n) columns).
+
+    Returns:
+        U (..., m, k), S (..., k) descending, Vh (..., k, n).
+    """
+    validate_matrix(A, "A")
+    X = A.to(compute_dtype(A.dtype))
+    return torch.linalg.svd(X, full_matrices=full_matrices)
+
+
+def svdvals(A: torch.Tensor) -> torch.Tensor:
+    """Singular values of A (..., m, n), descending, shape (..., min(m, n)), compute dtype."""
+    validate_matrix(A, "A")
+    return torch.linalg.svdvals(A.to(compute_dtype(A.dtype)))
+
+
+def truncated_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of A (Eckart-Young) from the exact SVD.
+
+    Returns:
+        U (..., m, r), S (..., r), Vh (..., r, n) in the compute dtype, contiguous.
+    """
+    validate_matrix(A, "A")
+    rank = validate_rank(rank, A.shape[-2], A.shape[-1])
+    U, S, Vh = svd(A)
+    return U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous()
+
+
+def default_oversample(rank: int) -> int:
+    """The default oversampling p of randomized_svd: max(10, ceil(rank / 8)) (see module doc)."""
+    return max(10, math.ceil(rank / 8))
+
+
+def make_generator(seed: Seed, device: torch.device | str | None = None) -> torch.Generator | None:
+    """A torch.Generator from a seed: None -> None (global RNG), int -> new generator on `device`."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    seed = validate_int(seed, "seed", minimum=0)
+    gen = torch.Generator(device=device if device is not None else "cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Gaussian (shape) in like's dtype/device, drawn on the generator's own device."""
+    if gen is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    out = torch.randn(shape, generator=gen, dtype=like.dtype, device=gen.device)
+    return out.to(like.device)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (..., m, l) of the columns of Y (Householder QR, no sign fix)."""
+    return torch.linalg.qr(Y).Q
+
+
+def randomized_svd(
+    A: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    power_iters: int = 2,
+    seed: Seed = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD of A by randomized subspace iteration (HMT 2011, Alg. 4.4 + 5.1).
+
+    Args:
+        A: (..., m, n) real floating tensor; leading dims are a batch (one sketch each).
+        rank: r, 1 <= r <= min(m, n).
+        oversample: extra sketch columns p; None -> max(10, ceil(r / 8)) (module doc). The
+            sketch width l = min(r + p, min(m, n)); when it covers min(m, n) the exact SVD is
+            used instead (it is then no more expensive and is exact).
+        power_iters: q >= 0 subspace iterations, each re-orthonormalised by QR (HMT §4.5).
+        seed: None draws from torch's global RNG; an int or a torch.Generator makes the output
+            reproducible (same seed, same device -> bit-identical factors).
+
+    Returns:
+        U (..., m, r) orthonormal columns, S (..., r) descending, Vh (..., r, n) orthonormal rows,
+        in the compute dtype (fp32; fp64 for fp64 input), contiguous.
+
+    Raises:
+        ValueError: bad rank/oversample/power_iters, or NaN/Inf in A.
+    """
+    validate_matrix(A, "A", check_finite=False)  # finiteness is checked on S below (cheaper)
+    m, n = A.shape[-2], A.shape[-1]
+    rank = validate_rank(rank, m, n)
+    p = default_oversample(rank) if oversample is None else validate_int(oversample, "oversample")
+    q = validate_int(power_iters, "power_iters")
+    small = min(m, n)
+    width = min(rank + p, small)
+    if width >= small:
+        return truncated_svd(A, rank)
+
+    gen = make_generator(seed, A.device)
+    X = A.to(compute_dtype(A.dtype))
+    transposed = m < n
+    if transposed:
+        X = X.mT  # tall (M, N), M >= N: the small SVD below is over N = min(m, n) columns
+    try:
+        omega = _randn((*X.shape[:-2], X.shape[-1], width), gen, X)  # (N, l)
+        Q = _orth(X @ omega)  # (M, l)
+        for _ in range(q):
+            Z = _orth(X.mT @ Q)  # (N, l)
+            Q = _orth(X @ Z)  # (M, l)
+        Qb, R = torch.linalg.qr(X.mT @ Q)  # B^T = (Q^T X)^T = Qb R: Qb (N, l), R (l, l)
+        Ur, S, Vrh = torch.linalg.svd(R.mT)  # B = R^T Qb^T = Ur S Vrh Qb^T
+    except torch.linalg.LinAlgError:
+        raise_if_nonfinite(A, "A")
+        raise
+    if not bool(torch.isfinite(S).all()):
+        raise_if_nonfinite(A, "A")
+        raise ValueError(
+            "randomized_svd overflowed (non-finite singular values from a finite input): "
+            "rescale A (e.g. divide by its max abs entry) or pass it in float64"
+        )
+    U = Q @ Ur[..., :rank]  # (M, r)
+    Vh = Vrh[..., :rank, :] @ Qb.mT  # (r, N)
+    S = S[..., :rank]
+    if transposed:
+        U, Vh = Vh.mT, U.mT
+    return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def split_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors B = U diag(sqrt S) (..., m, r) and A = diag(sqrt S) Vh (..., r, n).
+
+    B @ A == U diag(S) Vh. This is the storage form of the reference code (compression card §0):
+    A is applied first, B second, and both carry the same scale.
+    """
+    if U.ndim < 2 or Vh.ndim < 2 or S.ndim < 1:
+        raise ValueError(
+            f"split_factors needs U (..., m, r), S (..., r), Vh (..., r, n); got shapes "
+            f"{tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)}"
+        )
+    r = S.shape[-1]
+    if U.shape[-1] != r or Vh.shape[-2] != r:
+        raise ValueError(
+            f"rank mismatch: U has {U.shape[-1]} columns, S has {r} values, Vh has {Vh.shape[-2]} rows: "
+            "slice all three to the same rank"
+        )
+    if bool((S < 0).any()):
+        raise ValueError("S has negative entries: pass singular values (>= 0), not eigenvalues")
+    root = S.sqrt()
+    return U * root.unsqueeze(-2), root.unsqueeze(-1) * Vh
+
+
+def low_rank_approx(
+    A: torch.Tensor,
+    rank: int,
+    method: Literal["exact", "randomized"] = "exact",
+    **randomized_kwargs: object,
+) -> torch.Tensor:
+    """The rank-`rank` approximation U_r diag(S_r) Vh_r of A, as a dense tensor in A's dtype.
+
+    Args:
+        A: (..., m, n).
+        rank: r.
+        method: "exact" (truncated SVD, optimal) or "randomized" (randomized_svd; extra keyword
+            arguments such as seed, oversample, power_iters are passed on).
+    """
+    if method == "exact":
+        if randomized_kwargs:
+            raise TypeError(f"method='exact' takes no extra arguments, got {sorted(randomized_kwargs)}")
+        U, S, Vh = truncated_svd(A, rank)
+    elif method == "randomized":
+        U, S, Vh = randomized_svd(A, rank, **randomized_kwargs)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"method must be 'exact' or 'randomized', got {method!r}")
+    return ((U * S.unsqueeze(-2)) @ Vh).to(A.dtype)
+
+
+def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis Q (..., m, k) of the columns of Y (..., m, k), k <= m.
+
+    Reduced Householder QR with a sign fix (diag(R) >= 0), so Q is unique for full-rank Y and a
+    Gaussian Y gives a Haar-distributed Q. Compute dtype (fp32, or fp64 for fp64 input).
+    """
+    validate_matrix(Y, "Y")
+    if Y.shape[-1] > Y.shape[-2]:
+        raise ValueError(
+            f"cannot orthonormalize {Y.shape[-1]} columns in dimension {Y.shape[-2]} "
+            f"(shape {tuple(Y.shape)}): pass at most m columns"
+        )
+    Q, R = torch.linalg.qr(Y.to(compute_dtype(Y.dtype)))
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return Q * signs.unsqueeze(-2)
