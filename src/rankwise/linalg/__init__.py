@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from rankwise.linalg.bases import dct_basis, random_orthonormal, select_aligned_columns
+from rankwise.linalg.lu import lu
 from rankwise.linalg.project import project_down, project_up, projection_side
 from rankwise.linalg.quant import QuantizedTensor, dequantize_blockwise, quantize_blockwise
 from rankwise.linalg.rank import (
@@ -42,6 +43,7 @@ from rankwise.linalg.svd import (
 from rankwise.linalg.whiten import cholesky, cholesky_whitener, eigh, eigh_whitener, inverse_lower
 
 __all__ = [
+    "lu",
     "QuantizedTensor",
     "allocate",
     "break_even_rank",
