@@ -1,0 +1,1 @@
+"""Training glue: tiny Llama configs for pretraining, schedules and checkpoints."""
