@@ -1,0 +1,249 @@
+"""Named methods as presets of `LowRankOptimizer`, and the model -> param-groups split.
+
+A preset is a small dict of group options (what makes the method that method) plus its
+paper/official defaults; `create(name, model, rank=...)` builds the optimizer. Where a default
+is a choice of ours rather than the method's, the preset's doc says so.
+
+Which parameters are projected (card 0): 2-D weights of ``nn.Linear`` modules whose name
+contains ``attn`` or ``mlp`` (LLaMA q,k,v,o,gate,up,down); everything else (embeddings,
+lm_head, norms, biases) goes to a plain AdamW group with the same lr. ``target_modules``
+takes PEFT's vocabulary instead (via `rankwise.surgery.find_modules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.optim.lowrank import GROUP_DEFAULTS, LowRankOptimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named method: options of its projected group and optimizer-wide defaults."""
+
+    name: str
+    projected: dict[str, Any]
+    defaults: dict[str, Any]
+    doc: str
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add a preset (its name must be new and lower_snake_case)."""
+    if not preset.name.isidentifier() or preset.name.lower() != preset.name:
+        raise ValueError(f"preset name {preset.name!r} must be lower_snake_case")
+    if preset.name in PRESETS:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    bad = (set(preset.projected) | set(preset.defaults)) - set(GROUP_DEFAULTS)
+    if bad:
+        raise ValueError(f"preset {preset.name!r} sets unknown options {sorted(bad)}")
+    PRESETS[preset.name] = preset
+    return preset
+
+
+# "keep": moments are reused across refreshes in the official GaLore/Fira/APOLLO/DCT code (the
+# optimizer's own default, "reset", is the measured one: see GROUP_DEFAULTS).
+_GALORE = {"projector": "svd", "update_proj_gap": 200, "scale": 0.25, "moment_policy": "keep"}
+_GALORE_ADAM = {"lr": 0.01, "eps": 1e-6, "adam_style": "galore"}
+
+for _p in (
+    Preset("galore_adamw", dict(_GALORE), dict(_GALORE_ADAM),
+           "GaLore-AdamW (Zhao et al. 2024): SVD projector, T=200, scale 0.25, lr 0.01."),
+    Preset("galore_adafactor", {**_GALORE, "rule": "adafactor"}, {"lr": 0.01},
+           "GaLore-Adafactor: HF Adafactor (factored V, clip 1.0, no beta1) on the projected "
+           "gradient; decay before the update."),
+    Preset("galore_adamw8bit", dict(_GALORE), {**_GALORE_ADAM, "eps": 1e-8, "state_bits": 8},
+           "GaLore with 8-bit blockwise moments (ours: rankwise.linalg.quant, block 256)."),
+    Preset("q_galore_adamw8bit",
+           {**_GALORE, "proj_bits": 4, "proj_group_size": 256,
+            "proj_options": {"lazy_threshold": 0.4, "lazy_gamma": 2, "lazy_queue": 5}},
+           {**_GALORE_ADAM, "eps": 1e-8, "state_bits": 8, "lr": 0.015},
+           "Q-GaLore: int4 projector (group 256), lazy layer-adaptive refresh (cos 0.4, x2), "
+           "8-bit moments. INT8 weights are out of scope here."),
+    Preset("fira", {**_GALORE, "residual": "fira", "limiter": True}, dict(_GALORE_ADAM),
+           "Fira (Chen et al. 2024): GaLore + residual scaled per channel by ||N||/||R|| and the "
+           "norm-growth limiter (gamma 1.01)."),
+    Preset("frugal",
+           {"projector": "svd", "update_proj_gap": 200, "scale": 1.0, "moment_policy": "reset",
+            "residual": "sign", "residual_scale": 1.0},
+           {"lr": 1e-3, "eps": 1e-8, "adam_style": "torch"},
+           "FRUGAL (Zmushko et al. 2024), SVD variant: Adam in the subspace (reset on refresh), "
+           "signSGD on the residual. Default rank_fraction 0.25 (rho)."),
+    Preset("apollo",
+           {"projector": "random", "update_proj_gap": 200, "scale": 1.0, "scaling": "channel",
+            "limiter": True, "moment_policy": "keep"},
+           dict(_GALORE_ADAM),
+           "APOLLO (Zhu et al. 2025): seed-only Gaussian projector N(0, 1/r), the raw gradient "
+           "scaled per channel by ||N||/||R||, norm-growth limiter."),
+    Preset("apollo_mini",
+           {"projector": "random", "rank": 1, "update_proj_gap": 200, "scale": 128.0,
+            "scaling": "tensor", "limiter": True, "moment_policy": "keep"},
+           dict(_GALORE_ADAM),
+           "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (enters as sqrt(128))."),
+    Preset("gradnormlorp", dict(_GALORE), dict(_GALORE_ADAM),
+           "GradNormLoRP (Huang et al. 2024): GaLore on the direction matrices of a weight-"
+           "normalised model (call apply_weight_norm first, or use a PEFT DoRA model); "
+           "magnitudes get AdamW."),
+    Preset("dct_adamw",
+           {"projector": "dct", "update_proj_gap": 200, "scale": 1.0, "moment_policy": "keep"},
+           {"lr": 1e-3, "eps": 1e-8, "adam_style": "torch"},
+           "SVD-free DCT-AdamW (Modoranu et al. 2025): r DCT columns chosen by l1 alignment, "
+           "indices only. T=200 (ours, as GaLore; the official code refreshes every step)."),
+):
+    register_preset(_p)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def _default_targets(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ("attn" in name or "mlp" in name)
+    ]
+
+
+def _matrix_of(module: nn.Module) -> list[torch.Tensor]:
+    """The trainable 2-D matrix a target module contributes (the direction V when the weight
+    is weight-normalised by torch's parametrization)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        originals = module.parametrizations.weight
+        cand = [getattr(originals, n) for n in ("original1", "original") if hasattr(originals, n)]
+        return [p for p in cand if p.ndim == 2 and min(p.shape) > 1 and p.requires_grad]
+    w = getattr(module, "weight", None)
+    return [w] if isinstance(w, nn.Parameter) and w.ndim == 2 and w.requires_grad else []
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    target_modules: Sequence[str] | str | None = None,
+    **projected: Any,
+) -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into a projected group and a plain-AdamW group.
+
+    Args:
+        model: the model.
+        target_modules: None for the card-0 rule (Linear modules named ``*attn*``/``*mlp*``),
+            or PEFT-style names / regex resolved by `rankwise.surgery.find_modules`.
+        **projected: options of the projected group (``rank``, ``projector``, ``scale``...).
+
+    Returns:
+        ``[{"name": "lowrank", "params": [...], **projected}, {"name": "plain", "params": [...]}]``
+        (empty groups left out). Tied parameters appear once.
+    """
+    if target_modules is None:
+        modules = _default_targets(model)
+    else:
+        from rankwise.surgery import find_modules
+
+        modules = list(find_modules(model, target_modules).values())
+    chosen: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for p in _matrix_of(module):
+            chosen[id(p)] = p
+    rest, seen = [], set(chosen)
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            rest.append(p)
+    groups = []
+    if chosen:
+        groups.append({"name": "lowrank", "params": list(chosen.values()), **projected})
+    if rest:
+        groups.append({"name": "plain", "params": rest})
+    if not chosen:
+        raise ValueError(
+            "no parameter matched the projected targets (Linear modules named *attn*/*mlp* by "
+            "default): pass target_modules=[...] naming the layers to project"
+        )
+    return groups
+
+
+def create(
+    name: str,
+    model_or_params: nn.Module | Iterable[Any],
+    *,
+    target_modules: Sequence[str] | str | None = None,
+    **options: Any,
+) -> LowRankOptimizer:
+    """Build the optimizer of preset `name` for a model (or explicit param groups).
+
+    Options that are group keys of the projected group (rank, rank_fraction, projector,
+    update_proj_gap, scale, ...) go to that group; the rest (lr, betas, weight_decay, ...) are
+    optimizer-wide. With explicit param groups, the preset's projected options fill every
+    group that has a rank.
+
+    Example:
+        >>> opt = rankwise.optim.create("galore_adamw", model, rank=128, lr=0.01)
+    """
+    try:
+        preset = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"optimizer preset {name!r} is unknown: choose one of "
+                         f"{sorted(PRESETS)}") from None
+    proj_keys = set(preset.projected) | {"rank", "rank_fraction", "projector", "update_proj_gap",
+                                         "scale", "proj_side", "proj_bits", "proj_options"}
+    projected = {**preset.projected, **{k: v for k, v in options.items() if k in proj_keys}}
+    defaults = {**preset.defaults, **{k: v for k, v in options.items() if k not in proj_keys}}
+    if name == "frugal" and projected.get("rank") is None:
+        projected.setdefault("rank_fraction", 0.25)
+    if isinstance(model_or_params, nn.Module):
+        if projected.get("rank") is None and projected.get("rank_fraction") is None:
+            raise ValueError(f"preset {name!r} needs rank=... or rank_fraction=...")
+        groups = param_groups(model_or_params, target_modules=target_modules, **projected)
+    else:
+        groups = []
+        for g in model_or_params:
+            g = dict(g) if isinstance(g, dict) else {"params": [g]}
+            if g.get("rank") is not None or g.get("rank_fraction") is not None:
+                g = {**projected, **g}
+                if g.get("rank") is not None:
+                    g.pop("rank_fraction", None)
+            groups.append(g)
+    return LowRankOptimizer(groups, **defaults)
+
+
+# --------------------------------------------------------------------------- GradNormLoRP
+
+
+def apply_weight_norm(
+    model: nn.Module, *, target_modules: Sequence[str] | str | None = None
+) -> list[str]:
+    """Weight-normalise target linears in place: ``W = g * V / ||V||_row`` (GradNormLoRP).
+
+    Uses torch's own parametrization (`torch.nn.utils.parametrizations.weight_norm`, dim 0:
+    one magnitude per output row, as PEFT's DoRA). At init g = ||W||_row and V = W, so the
+    model's outputs are unchanged. `param_groups` then projects V's gradient and gives g
+    plain AdamW. Returns the names of the modules changed.
+    """
+    from torch.nn.utils.parametrizations import weight_norm
+
+    if target_modules is None:
+        named = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and ("attn" in n or "mlp" in n)]
+    else:
+        from rankwise.surgery import find_modules
+
+        named = list(find_modules(model, target_modules).items())
+    for _, module in named:
+        weight_norm(module, name="weight", dim=0)
+    return [n for n, _ in named]
+
+
+def merge_weight_norm(model: nn.Module) -> None:
+    """Materialise weight-normalised linears back into plain weights (no inference overhead)."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

@@ -1,0 +1,420 @@
+"""One projector abstraction for low-rank gradient optimizers (GaLore family).
+
+A projector holds an r-dimensional subspace for one (m, n) gradient and maps between the full
+space and the subspace (GaLore, Zhao et al. 2024, §3; the "std" side rule of card 0 in
+`shared/methods/training.md`):
+
+* right projection (m >= n): P (r, n), rows orthonormal; ``down(G) = G Pᵀ`` (m, r),
+  ``up(X) = X P`` (m, n);
+* left projection (m < n): P (m, r), columns orthonormal; ``down(G) = Pᵀ G`` (r, n),
+  ``up(X) = P X`` (m, n).
+
+Design choice (the reason for this file): a projector object owns *no* state of its own. Its
+tensors live in a dict the caller passes in (the optimizer's per-parameter state), under keys
+prefixed ``proj_``. The object is cheap and is rebuilt from the dict at every step, so the
+optimizer state stays tensors-only: ``torch.load(weights_only=True)``, resume and FSDP's
+state-dict helpers all work (galore-torch keeps a Python projector object in its state, which
+breaks all three). Bases are recomputed in fp32 by `rankwise.linalg` (the one home for SVD,
+QR and DCT) and cast to the gradient's dtype.
+
+Implementations (registry names): ``svd`` (exact), ``randomized`` (randomized SVD), ``dct``
+(SVD-free column selection from a cached DCT basis: stores only r int32 indices),
+``random`` (Gaussian N(0, 1/r), APOLLO: stores only a seed), ``random_orthogonal``,
+``identity`` (rank = min(m, n); the parity baseline). `QuantizedProjector` (projector_q.py)
+wraps any dense one with int8/int4 storage and Q-GaLore's lazy refresh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+SIDES = ("std", "reverse_std", "left", "right")
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive refresh seeds apart
+
+
+def resolve_side(shape: tuple[int, ...], side: str = "std") -> str:
+    """Which side a (m, n) gradient is projected on: ``"left"`` or ``"right"``.
+
+    ``std`` is GaLore's rule (right when m >= n, so the projector is the small min(m, n) x r
+    matrix and the moments are max(m, n) x r); ``reverse_std`` is the opposite.
+    """
+    if side in ("left", "right"):
+        return side
+    if side not in SIDES:
+        raise ValueError(f"projection side {side!r} is unknown: choose one of {SIDES}")
+    std = _linalg().projection_side(tuple(shape))
+    if side == "std":
+        return std
+    return "left" if std == "right" else "right"
+
+
+def check_matrix(shape: tuple[int, ...], rank: int, what: str = "parameter") -> None:
+    """Raise a ValueError naming the fix when `shape` cannot be projected at `rank`."""
+    if len(shape) != 2:
+        raise ValueError(
+            f"{what} has shape {tuple(shape)}: low-rank gradient projection needs a 2-D matrix; "
+            "put 1-D and >2-D parameters in a group with projector=None (plain AdamW), "
+            "as rankwise.optim.param_groups does"
+        )
+    a = min(shape)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank {rank!r} for {what} {tuple(shape)} must be a positive int")
+    if rank > a:
+        raise ValueError(
+            f"rank {rank} exceeds min(m, n) = {a} for {what} of shape {tuple(shape)}: "
+            f"choose rank <= {a} (or give rank_fraction instead of rank)"
+        )
+
+
+def refresh_seed(seed: int, count: int) -> int:
+    """Deterministic seed of the `count`-th refresh of a projector with base `seed` (63 bits)."""
+    return (int(seed) + _MIX * (int(count) + 1)) % (2**63 - 1)
+
+
+class Projector:
+    """Base class: subspace bookkeeping over a caller-owned state dict.
+
+    Args:
+        shape: (m, n) of the gradient.
+        rank: subspace dimension r, 1 <= r <= min(m, n).
+        side: "std" | "reverse_std" | "left" | "right" (see `resolve_side`).
+        state: dict receiving this projector's tensors (keys ``proj_*``); a new dict if None.
+        seed: base seed for randomized/random projectors (the optimizer passes a per-parameter
+            seed, identical on every rank, so data-parallel replicas agree).
+        **options: implementation options (ignored by implementations that have none).
+    """
+
+    kind: ClassVar[str] = ""
+    #: True when the basis is a dense float tensor that QuantizedProjector can compress.
+    dense: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        rank: int,
+        *,
+        side: str = "std",
+        state: dict[str, Any] | None = None,
+        seed: int = 0,
+        **options: Any,
+    ) -> None:
+        check_matrix(tuple(shape), rank)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.rank = rank
+        self.side = resolve_side(self.shape, side)
+        self.state: dict[str, Any] = {} if state is None else state
+        self.options = options
+        if "proj_seed" not in self.state:
+            self.state["proj_seed"] = torch.tensor(int(seed), dtype=torch.int64)
+        self._cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ to implement
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        """Compute a new subspace from `grad` (m, n) in fp32 and write it to `self.state`."""
+        raise NotImplementedError
+
+    def _dense_basis(self) -> torch.Tensor:
+        """The current basis as a dense tensor: (r, n) for right, (m, r) for left."""
+        return self.state["proj_basis"]
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def low_shape(self) -> tuple[int, int]:
+        """Shape of a projected matrix: (m, r) for right projection, (r, n) for left."""
+        m, n = self.shape
+        return (m, self.rank) if self.side == "right" else (self.rank, n)
+
+    @property
+    def basis_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (self.rank, n) if self.side == "right" else (m, self.rank)
+
+    @property
+    def initialized(self) -> bool:
+        return "proj_count" in self.state
+
+    @property
+    def refreshes(self) -> int:
+        """How many times the subspace has been computed."""
+        return int(self.state["proj_count"]) if self.initialized else 0
+
+    def current_seed(self) -> int:
+        """Seed of the latest refresh (randomized algorithms draw from it)."""
+        return refresh_seed(int(self.state["proj_seed"]), max(self.refreshes - 1, 0))
+
+    def update(self, grad: torch.Tensor, step: int) -> None:
+        """Recompute the subspace from `grad` (m, n) at optimizer step `step` (0-based)."""
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"gradient shape {tuple(grad.shape)} != projector shape {self.shape}")
+        count = self.refreshes
+        self.state["proj_count"] = torch.tensor(count + 1, dtype=torch.int64)
+        self._cache = None
+        self._compute(grad.detach().float(), step)
+
+    def gap(self, default: int) -> int:
+        """Current refresh gap: `default` unless lazy refresh has grown it (kept in state)."""
+        return int(self.state["proj_gap"]) if "proj_gap" in self.state else int(default)
+
+    def due(self, step: int, gap: int) -> bool:
+        """True when a refresh is due at `step` (0-based): first call, or step % gap == 0."""
+        return not self.initialized or step % self.gap(gap) == 0
+
+    def maybe_update(self, grad: torch.Tensor, step: int, gap: int) -> bool:
+        """Refresh the subspace if due; returns whether it did.
+
+        With the ``lazy_threshold`` option (Q-GaLore §3.3, card 2), each refresh compares the
+        new leading basis vector with the previous one (cosine, signed as in the official code
+        unless ``lazy_abs=True``), pushes it in a FIFO of ``lazy_queue`` (5) values, and once
+        the FIFO is full and its mean >= threshold multiplies this layer's gap by
+        ``lazy_gamma`` (2). The FIFO is never cleared, so the gap can keep growing.
+        """
+        if not self.due(step, gap):
+            return False
+        threshold = self.options.get("lazy_threshold")
+        prev = self.first_vector().float().clone() if threshold is not None and self.initialized else None
+        self.update(grad, step)
+        if threshold is not None:
+            self._lazy_push(prev, gap, float(threshold))
+        return True
+
+    def _lazy_push(self, prev: torch.Tensor | None, gap: int, threshold: float) -> None:
+        size = int(self.options.get("lazy_queue", 5))
+        st = self.state
+        if "proj_gap" not in st:
+            st["proj_gap"] = torch.tensor(int(gap), dtype=torch.int64)
+            st["proj_cos"] = torch.zeros(size, dtype=torch.float32)
+            st["proj_cos_n"] = torch.tensor(0, dtype=torch.int64)
+        if prev is None:
+            return
+        new = self.first_vector().float().to(prev.device)
+        cos = torch.dot(prev, new) / (prev.norm() * new.norm() + 1e-12)
+        if self.options.get("lazy_abs", False):
+            cos = cos.abs()
+        queue = st["proj_cos"]
+        queue.copy_(torch.cat([queue[1:], cos.reshape(1).to(queue)]))
+        st["proj_cos_n"] = torch.clamp(st["proj_cos_n"] + 1, max=size)
+        if int(st["proj_cos_n"]) >= size and float(queue.mean()) >= threshold:
+            grown = int(int(st["proj_gap"]) * float(self.options.get("lazy_gamma", 2)))
+            st["proj_gap"] = torch.tensor(max(grown, 1), dtype=torch.int64)
+
+    def basis(self) -> torch.Tensor:
+        """Dense basis P: (r, n) rows orthonormal (right) or (m, r) columns orthonormal (left)."""
+        if not self.initialized:
+            raise RuntimeError("projector has no subspace yet: call update(grad, step) first")
+        if self._cache is None:
+            self._cache = self._dense_basis()
+        return self._cache
+
+    def _columns_form(self, dtype: torch.dtype) -> torch.Tensor:
+        # rankwise.linalg.project_* take P with orthonormal columns on both sides; our right
+        # basis is stored as rows (r, n), as GaLore's Vh[:r], so pass its transpose (a view).
+        p = self.basis().to(dtype)
+        return p.mT if self.side == "right" else p
+
+    def down(self, grad: torch.Tensor) -> torch.Tensor:
+        """Project (m, n) -> (m, r) [right] or (r, n) [left]."""
+        return _linalg().project_down(grad, self._columns_form(grad.dtype), self.side)
+
+    def up(self, low: torch.Tensor) -> torch.Tensor:
+        """Back-project (m, r) [right] or (r, n) [left] -> (m, n) (no scale applied)."""
+        return _linalg().project_up(low, self._columns_form(low.dtype), self.side)
+
+    def first_vector(self) -> torch.Tensor:
+        """Leading basis vector (Q-GaLore compares it across refreshes)."""
+        p = self.basis()
+        return p[0] if self.side == "right" else p[:, 0]
+
+    def state_bytes(self) -> int:
+        """Bytes of this projector's tensors (everything under ``proj_*``)."""
+        return sum(
+            v.numel() * v.element_size()
+            for k, v in self.state.items()
+            if k.startswith("proj_") and isinstance(v, torch.Tensor)
+        )
+
+    def _store(self, basis: torch.Tensor, dtype: torch.dtype) -> None:
+        self.state["proj_basis"] = basis.to(dtype).contiguous()
+
+
+def _linalg() -> Any:
+    from rankwise import linalg
+
+    return linalg
+
+
+class SVDProjector(Projector):
+    """GaLore's projector: top-r singular vectors of the current gradient (exact SVD)."""
+
+    kind = "svd"
+
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        u, _, vh = _linalg().truncated_svd(grad, self.rank)
+        self._store(vh if self.side == "right" else u, self.options.get("dtype") or grad.dtype)
+
+
+class RandomizedSVDProjector(Projector):
+    """Top-r subspace by randomized SVD (Halko et al. 2011): O(mnr) instead of O(mn·min(m,n)).
+
+    Options: ``oversample`` (None: rankwise.linalg's measured default max(10, r/8)),
+    ``power_iters`` (2). The sketch is seeded from the
+    projector's seed and refresh count, so replicas and resumed runs draw the same sketch.
+    """
+
+    kind = "randomized"
+
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        u, _, vh = _linalg().randomized_svd(
+            grad,
+            self.rank,
+            oversample=self.options.get("oversample"),
+            power_iters=int(self.options.get("power_iters", 2)),
+            seed=self.current_seed(),
+        )
+        self._store(vh if self.side == "right" else u, self.options.get("dtype") or grad.dtype)
+
+
+def cached_dct_basis(d: int, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """The orthonormal DCT-II basis (d, d), columns = basis vectors, shared by all layers.
+
+    A deterministic function of d, cached by `rankwise.linalg.dct_basis` and never stored in
+    optimizer state (DCT-AdamW, card 5: one basis serves every layer of that size).
+    """
+    return _linalg().dct_basis(int(d), dtype=dtype, device=device)
+
+
+class DCTProjector(Projector):
+    """SVD-free projector: the r DCT basis vectors best aligned with the gradient (card 5).
+
+    Basis Q (d, d) with d = the projected side's size, columns = DCT-II vectors. Right side:
+    score columns of ``G Q`` (m, d); left side: rows of ``Qᵀ G`` (d, n); keep the r best by
+    ℓ1 norm (``norm`` option, 1 or 2). State: r int32 indices only.
+    """
+
+    kind = "dct"
+    dense = False
+
+    @property
+    def _d(self) -> int:
+        return self.shape[1] if self.side == "right" else self.shape[0]
+
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        q = cached_dct_basis(self._d, grad.device)
+        mat = grad.mT if self.side == "right" else grad  # (d, ·): scores ||G Q[:, j]|| or ||Q[:, j]ᵀ G||
+        norm = float(self.options.get("norm", 1.0))
+        idx = _linalg().select_aligned_columns(q, mat, self.rank, norm=norm)
+        self.state["proj_idx"] = idx.to(device=grad.device, dtype=torch.int32)
+
+    def _columns(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        q = cached_dct_basis(self._d, device, dtype)
+        return q.index_select(1, self.state["proj_idx"].to(device=device, dtype=torch.long))
+
+    def _dense_basis(self) -> torch.Tensor:
+        idx = self.state["proj_idx"]
+        cols = self._columns(torch.float32, idx.device)  # (d, r)
+        return cols.T if self.side == "right" else cols
+
+
+class RandomProjector(Projector):
+    """Random projector regenerated from a seed (APOLLO: Gaussian entries N(0, 1/r)).
+
+    Options: ``orthogonal`` (False; True draws a random orthonormal basis via
+    `rankwise.linalg.random_orthonormal`), ``store_basis`` (False: only the seed is kept and the
+    basis is regenerated when needed, as APOLLO-Mini's memory claim assumes; True: keep it).
+    """
+
+    kind = "random"
+
+    @property
+    def dense(self) -> bool:  # type: ignore[override]
+        return bool(self.options.get("store_basis", False))
+
+    def _draw(self, device: torch.device) -> torch.Tensor:
+        seed = self.current_seed()
+        a = min(self.shape)
+        if self.options.get("orthogonal", False):
+            q = _linalg().random_orthonormal(a, self.rank, seed=seed, device=device)  # (a, r)
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            q = torch.randn(a, self.rank, generator=gen) / self.rank**0.5
+            q = q.to(device)
+        return q.T.contiguous() if self.side == "right" else q
+
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        if self.options.get("store_basis", False):
+            self._store(self._draw(grad.device), self.options.get("dtype") or grad.dtype)
+        else:
+            self.state["proj_device"] = torch.empty(0, device=grad.device)  # remembers device
+
+    def _dense_basis(self) -> torch.Tensor:
+        if "proj_basis" in self.state:
+            return self.state["proj_basis"]
+        device = self.state.get("proj_device", torch.empty(0)).device
+        return self._draw(device)
+
+
+class RandomOrthogonalProjector(RandomProjector):
+    """Random orthonormal basis (stored by default, as regenerating needs a QR)."""
+
+    kind = "random_orthogonal"
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        options.setdefault("orthogonal", True)
+        options.setdefault("store_basis", True)
+        super().__init__(*args, **options)
+
+
+class IdentityProjector(Projector):
+    """P = I (rank must equal min(m, n)): projected optimizers reduce to their full-rank rule."""
+
+    kind = "identity"
+
+    def __init__(self, shape: tuple[int, ...], rank: int, **kwargs: Any) -> None:
+        super().__init__(shape, rank, **kwargs)
+        if rank != min(self.shape):
+            raise ValueError(
+                f"identity projector needs rank == min(m, n) = {min(self.shape)}, got {rank}"
+            )
+
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        self._store(torch.eye(self.rank, device=grad.device), grad.dtype)
+
+
+PROJECTORS: dict[str, type[Projector]] = {}
+
+
+def register_projector(cls: type[Projector]) -> type[Projector]:
+    """Add a Projector subclass to the registry under ``cls.kind`` (usable as a decorator)."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} has no `kind` name: set kind = 'my_projector'")
+    PROJECTORS[cls.kind] = cls
+    return cls
+
+
+for _cls in (
+    SVDProjector,
+    RandomizedSVDProjector,
+    DCTProjector,
+    RandomProjector,
+    RandomOrthogonalProjector,
+    IdentityProjector,
+):
+    register_projector(_cls)
+
+
+def make_projector(kind: str, shape: tuple[int, ...], rank: int, **kwargs: Any) -> Projector:
+    """Build a registered projector by name; ``bits=8|4`` wraps it in QuantizedProjector."""
+    bits = kwargs.pop("bits", None)
+    try:
+        cls = PROJECTORS[kind]
+    except KeyError:
+        raise ValueError(
+            f"projector {kind!r} is unknown: choose one of {sorted(PROJECTORS)} "
+            "or register your own with rankwise.optim.register_projector"
+        ) from None
+    if bits is None:
+        return cls(shape, rank, **kwargs)
+    from rankwise.optim.projector_q import QuantizedProjector
+
+    return QuantizedProjector(cls, shape, rank, bits=bits, **kwargs)

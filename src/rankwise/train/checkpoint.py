@@ -1,0 +1,326 @@
+"""Atomic, pickle-free pretraining checkpoints with bit-exact resume.
+
+A checkpoint is one directory `OUT/checkpoints/step-000120/`:
+
+    model.safetensors   the model's state_dict (a tied tensor is stored under each of its names)
+    state.safetensors   every other tensor: optimizer moments and projectors, schedule RNGs,
+                        torch's RNG state (uint8), named by their path ("optimizer/state/3/exp_avg")
+    state.json          the structure around those tensors (optimizer param groups, step counters,
+                        schedule queues), the method, the step, the run's config,
+                        the data position and the history so far
+
+Nothing is pickled and nothing is read with torch.load: the structure is JSON in which a tensor
+is the placeholder {"__tensor__": name}, a tuple {"__tuple__": [...]} and a dict with non-string
+keys (the optimizer's int parameter ids) {"__items__": [[key, value], ...]}, so
+`unflatten_state(*flatten_state(x))` rebuilds `x` with the same types. The directory is written
+under a temporary name and renamed into place, so a crash never leaves a half checkpoint that
+`latest_checkpoint` would pick up; older checkpoints beyond `keep` are removed afterwards.
+
+`load_checkpoint` refuses a checkpoint written by another method or another configuration
+(run-control fields such as `out` or `save_every` excepted) with a ValueError saying what
+differs and how to proceed. `export_dense` writes a finished run as a plain dense Hugging
+Face model directory (every method folded back into nn.Linear).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.io import load_tensors, read_json, save_tensors, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "checkpoint_dirs",
+    "export_dense",
+    "flatten_state",
+    "get_rng_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "save_checkpoint",
+    "set_rng_state",
+    "unflatten_state",
+]
+
+FORMAT = "rankwise.pretrain-checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------- structure <-> JSON
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, numbers, str, None, tensors) into JSON + tensors.
+
+    Returns:
+        (tree, tensors): `tree` is JSON-able with {"__tensor__": name} placeholders; `tensors`
+        maps those names to detached CPU clones.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            name = path.lstrip("/") or "tensor"
+            while name in tensors:
+                name += "~"
+            tensors[name] = x.detach().to("cpu").clone()
+            return {"__tensor__": name}
+        if isinstance(x, bool) or x is None or isinstance(x, str):
+            return x
+        if isinstance(x, int | float):
+            return x
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}/{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}/{i}") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: enc(v, f"{path}/{k}") for k, v in x.items()}
+            return {"__items__": [[enc(k, f"{path}/key"), enc(v, f"{path}/{k}")]
+                                  for k, v in x.items()]}
+        raise TypeError(
+            f"cannot store {type(x).__name__} at {path.lstrip('/') or '<root>'} in a checkpoint: "
+            "states must hold tensors, numbers, strings, None, lists, tuples and dicts only"
+        )
+
+    return enc(obj, prefix.rstrip("/")), tensors
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            name = tree["__tensor__"]
+            if name not in tensors:
+                raise ValueError(f"checkpoint is missing tensor {name!r}: it is corrupt")
+            return tensors[name]
+        if set(tree) == {"__tuple__"}:
+            return tuple(unflatten_state(v, tensors) for v in tree["__tuple__"])
+        if set(tree) == {"__items__"}:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors)
+                    for k, v in tree["__items__"]}
+        return {k: unflatten_state(v, tensors) for k, v in tree.items()}
+    return tree
+
+
+# ----------------------------------------------------------------------------- RNG
+def get_rng_state() -> dict[str, Any]:
+    """torch's CPU RNG (uint8 tensor) and CUDA's when in use (the loop draws from nothing else:
+    schedules keep their own generators, data order is a function of the step)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------- paths
+def checkpoint_dirs(out: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """[(step, directory)] of the complete checkpoints under `out`/checkpoints, oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint directory under `out`, or None."""
+    found = checkpoint_dirs(out)
+    return found[-1][1] if found else None
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """state.json of a checkpoint directory (format-checked)."""
+    meta = read_json(Path(path) / "state.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a rankwise pretraining checkpoint (no {FORMAT} marker)")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint version {meta.get('version')}, this rankwise "
+                         f"reads version {VERSION}: resume with the rankwise that wrote it")
+    return meta
+
+
+# ----------------------------------------------------------------------------- save
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clones: safetensors refuses tensors that share storage (the tied embedding / lm_head)
+    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(
+    out: str | os.PathLike[str],
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedules: Any | None,
+    config: Any,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `out`/checkpoints/step-{step:06d} atomically; keep the newest `keep` checkpoints.
+
+    Args:
+        step: updates done.
+        schedules: an object with state_dict() (rankwise.layers.Schedules) or None.
+        config: a PretrainConfig (its to_dict() and method are stored).
+        extra: JSON-able data of the caller (history, data position), tensors allowed.
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(out) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "schedules": schedules.state_dict() if schedules is not None else None,
+        "rng": get_rng_state(),
+        "extra": extra or {},
+    }
+    tree, tensors = flatten_state(state)
+    meta = {"format": FORMAT, "version": VERSION, "method": config.method, "step": int(step),
+            "config": config.to_dict(), "state": tree}
+    final = root / f"step-{int(step):06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_tensors(tmp / "model.safetensors", _model_tensors(model))
+        save_tensors(tmp / "state.safetensors", tensors)
+        write_json(tmp / "state.json", meta)  # written last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for _, old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+# ----------------------------------------------------------------------------- load
+def check_compatible(meta: dict[str, Any], config: Any, path: Path) -> None:
+    """Raise ValueError when the checkpoint was written by another method or configuration."""
+    saved_method = meta.get("method")
+    if saved_method != config.method:
+        raise ValueError(
+            f"{path} was written by method {saved_method!r} but this run asks for "
+            f"{config.method!r}: resume with --method {saved_method}, or start the "
+            f"{config.method!r} run in a new output directory"
+        )
+    saved = type(config).from_dict(meta["config"])
+    diff = saved.differences(config)
+    if diff:
+        shown = ", ".join(
+            f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items())
+        )
+        raise ValueError(
+            f"{path} was written with a different configuration ({shown}): resume with the "
+            "checkpoint's settings, or start this run in a new output directory"
+        )
+
+
+def _restore_tuples(loaded: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """JSON keeps tuples via __tuple__; this also accepts lists where the optimizer has tuples."""
+    for saved, current in zip(loaded["param_groups"], optimizer.param_groups, strict=False):
+        for key, value in current.items():
+            if isinstance(value, tuple) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
+    return loaded
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedules: Any | None,
+    config: Any,
+) -> dict[str, Any]:
+    """Load a checkpoint into freshly built `model`, `optimizer` and `schedules`, set the RNGs.
+
+    The objects must be built exactly as in the run that wrote it (same config); a different
+    method or configuration raises ValueError before anything is changed.
+
+    Returns:
+        {"step": int, "extra": the caller's extra dict}.
+    """
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    check_compatible(meta, config, path)
+    model_state = load_tensors(path / "model.safetensors")
+    tensors = load_tensors(path / "state.safetensors")
+    state = unflatten_state(meta["state"], tensors)
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the model does not match the checkpoint (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}): resume with the same method and model size"
+        )
+    optimizer.load_state_dict(_restore_tuples(state["optimizer"], optimizer))
+    if (schedules is None) != (state["schedules"] is None):
+        raise ValueError(f"{path}: schedule state does not match this run's method")
+    if schedules is not None:
+        schedules.load_state_dict(state["schedules"])
+    set_rng_state(state["rng"])
+    return {"step": int(meta["step"]), "extra": state["extra"]}
+
+
+# ----------------------------------------------------------------------------- export
+def export_dense(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: Any | None = None,
+    vocab_map: torch.Tensor | None = None,
+) -> Path:
+    """Fold the method back into dense nn.Linear layers (in place) and save a HF model dir.
+
+    The tokenizer is saved alongside unless the vocabulary was limited (then
+    vocab_map.safetensors maps model ids to tokenizer ids instead).
+    """
+    from rankwise.adapt import adapter_layers, merge_and_unload
+    from rankwise.layers import to_dense_
+
+    if adapter_layers(model):
+        merge_and_unload(model)
+    to_dense_(model)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        if vocab_map is not None:
+            save_tensors(tmp / "vocab_map.safetensors", {"vocab_map": vocab_map})
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
