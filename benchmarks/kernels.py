@@ -406,9 +406,17 @@ KINDS = ("sparse (local)", "low-rank (Performer)", "scatterbrain (local)", "spar
          "scatterbrain (local + 4 sinks)", "sparse (LSH)", "scatterbrain (LSH)")
 
 
-def _attention_timing(ns: list[int]) -> list[dict]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401
+def _trim() -> None:
+    """glibc malloc_trim(0): without it, memory freed by an earlier call is reused and RSS does not grow."""
+    import ctypes
 
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: peaks may then read low
+        pass
+
+
+def _attention_timing(ns: list[int]) -> list[dict]:
     from rankwise.attention import exact_attention, orthogonal_gaussian, scatterbrain_attention
     from rankwise.profiling import peak_rss_of
 
@@ -431,6 +439,7 @@ def _attention_timing(ns: list[int]) -> list[dict]:
                 continue
             fn()
             times = [_timed(fn)[1] for _ in range(3)]
+            _trim()  # hand freed heap back to the OS, so RSS growth measures this call's peak
             _, peak = peak_rss_of(fn)
             row[name] = {"seconds": statistics.median(times), "peak_bytes": peak}
         rows.append(row)
@@ -519,8 +528,8 @@ def _plot(results: dict) -> None:
         for method in ("uniform", "leverage"):
             axes[0, 2].plot(smp["budgets"], [tl[f"{method} m={m}"] for m in smp["budgets"]], "o-", label=method)
         axes[0, 2].axhline(tl["full pool"], color="k", ls="--", label=f"full pool ({smp['pool_tokens']} tokens)")
-        axes[0, 2].set(title="SVD-LLM held-out truncation loss vs calibration tokens", xlabel="tokens m",
-                       ylabel="||(W-W')X||^2/||WX||^2 (mean of 16 linears)", xscale="log")
+        axes[0, 2].set(title="SVD-LLM held-out loss vs calibration tokens", xlabel="tokens m",
+                       ylabel="held-out loss (mean of 16 linears)", xscale="log")
         axes[0, 2].legend(fontsize=8)
     att = results.get("attention")
     if att:
@@ -538,7 +547,7 @@ def _plot(results: dict) -> None:
         for name in ("exact (eager, n x n scores)", "torch SDPA (causal)", "scatterbrain 32 + 32"):
             pts = [(r["n"], r[name]["seconds"]) for r in rows if name in r]
             axes[1, 2].loglog(*zip(*pts, strict=True), "o-", label=name)
-        axes[1, 2].set(title="one attention call (9 heads, d=64): time vs n", xlabel="sequence length",
+        axes[1, 2].set(title="one attention call: time vs n", xlabel="sequence length",
                        ylabel="seconds")
         axes[1, 2].legend(fontsize=8)
     fig.tight_layout()
@@ -613,7 +622,8 @@ def _md(results: dict) -> str:
                   "| attention | perplexity |", "|---|---|"]
         for name, p in att["perplexity"].items():
             lines.append(f"| {name} | {p:.3f} |")
-        lines += ["", "One causal attention call, 9 heads x 64 dims, fp32 (median of 3; peak = RSS growth):", "",
+        lines += ["", "One causal attention call, 9 heads x 64 dims, fp32 (median of 3; peak = RSS growth during the call, "
+                  "after malloc_trim):", "",
                   "| n | exact eager s | peak MiB | SDPA s | peak MiB | scatterbrain 32+32 s | peak MiB |",
                   "|---|---|---|---|---|---|---|"]
         for r in att["timing"]:
@@ -638,13 +648,15 @@ def main() -> int:
     path = OUT / "kernels.json"
     results = read_json(path) if path.exists() else {}
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    results["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "loadavg": [round(x, 2) for x in os.getloadavg()], "quick": args.quick}
+    if only:  # a report-only run (--only "") keeps the environment of the last measuring run
+        results["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "loadavg": [round(x, 2) for x in os.getloadavg()], "quick": args.quick}
     runners = {"completion": run_completion, "sampling": run_sampling, "attention": run_attention}
     for name in only:
         start = time.perf_counter()
         results[name] = runners[name](args.quick)
         results[name]["section_seconds"] = time.perf_counter() - start
+        results[name]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         print(f"{name}: {results[name]['section_seconds']:.0f} s", file=sys.stderr)
         write_json(path, results)
     write_text(OUT / "kernels.md", _md(results))

@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from rankwise.linalg.bases import dct_basis, random_orthonormal, select_aligned_columns
+from rankwise.linalg.complete import complete, observed_values, sparse_top_singular_vectors
 from rankwise.linalg.lu import lu
 from rankwise.linalg.project import project_down, project_up, projection_side
 from rankwise.linalg.quant import QuantizedTensor, dequantize_blockwise, quantize_blockwise
@@ -28,6 +29,16 @@ from rankwise.linalg.rank import (
     rank_for_budget,
     rank_for_energy,
     rank_for_ratio,
+)
+from rankwise.linalg.sampling import (
+    inclusion_probabilities,
+    leverage_scores,
+    lewis_weights,
+    lp_regression,
+    sample_rows,
+    sampled_regression,
+    select_calibration_tokens,
+    weighted_gram,
 )
 from rankwise.linalg.svd import (
     default_oversample,
@@ -43,6 +54,17 @@ from rankwise.linalg.svd import (
 from rankwise.linalg.whiten import cholesky, cholesky_whitener, eigh, eigh_whitener, inverse_lower
 
 __all__ = [
+    "complete",
+    "observed_values",
+    "sparse_top_singular_vectors",
+    "inclusion_probabilities",
+    "leverage_scores",
+    "lewis_weights",
+    "lp_regression",
+    "sample_rows",
+    "sampled_regression",
+    "select_calibration_tokens",
+    "weighted_gram",
     "lu",
     "QuantizedTensor",
     "allocate",
