@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
+	$(PIP) install -q -e ".[bench]"
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 # Rebuild the embedded corpora from Debian's python3.11-doc and fortunes packages (needs apt).
