@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankwise.linalg._checks import validate_rank
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -64,18 +66,7 @@ LAYER_METHODS: dict[str, str] = {
 # ----------------------------------------------------------------------------- validation
 def check_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
     """1 <= rank <= min(m, n) for an (m, n) = (out, in) weight; returns it as int."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(rank).__name__} ({rank!r})")
-    rank = int(rank)
-    limit = min(m, n)
-    if rank <= 0:
-        raise ValueError(f"{name} must be positive, got {rank}: choose 1 <= {name} <= {limit}")
-    if rank > limit:
-        raise ValueError(
-            f"{name} {rank} exceeds min(out, in) = {limit} for a ({m}, {n}) weight: "
-            f"choose {name} <= {limit}"
-        )
-    return rank
+    return validate_rank(rank, m, n, name)
 
 
 def check_fraction(value: object, name: str, what: str) -> float:
