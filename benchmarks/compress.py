@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--update-samples", type=int, default=16, help="sequences for SVD-LLM's update (reference: 16)")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--latency-repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=int(os.environ.get("RANKWISE_BENCH_THREADS", "0")) or None,
                    help="torch threads (default: torch's); 1 is far faster on a contended machine")
     p.add_argument("--quick", action="store_true", help="20 %% only, svd-llm/lord, no MiniLM grid")
@@ -59,8 +61,7 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
     from rankwise.compress import build_compressor, compensate_, compress_, find_targets
     from rankwise.compress.api import _capture, calibration_ids
     from rankwise.eval import evaluate_split
-    from rankwise.profiling import time_fn
-    from rankwise.surgery import restore
+    from rankwise.surgery import replaced, restore
 
     t0 = time.perf_counter()
     model = rankwise.load_model("smollm2-135m")
@@ -75,10 +76,6 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
                               progress=False)["perplexity"]
 
     batch = ids[:4]
-
-    def latency() -> float:
-        with torch.inference_mode():
-            return time_fn(lambda: model(batch), warmup=1, repeat=5).median
 
     t = time.perf_counter()
     stats = _capture(model, ids, targets, ("gram", "mean", "abs_mean"), batch_size=8, progress=False, loss_fn=None)
@@ -96,8 +93,7 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
         log(f"squared gradients from {args.fisher_samples} sequences in {fisher_s:.1f}s")
 
     dense_ppl = ppl()
-    dense_lat = latency()
-    log(f"dense perplexity {dense_ppl:.3f}, latency {dense_lat * 1e3:.0f} ms")
+    log(f"dense perplexity {dense_ppl:.3f}")
     ratios = [0.2] if args.quick else args.ratios
     rows: list[dict[str, Any]] = []
 
@@ -128,13 +124,16 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
         del comp
 
     upd_ids = ids[: args.update_samples]
-    for method, kw, grid in (("svd-llm-update", {}, ratios), ("svd-llm-seq", {}, ratios),
-                             ("svd-llm-seq", {"update_target": "original", "damping": 0.05}, [0.2])):
+    sequential = (("svd-llm-update", "uniform", {}, ratios), ("svd-llm-seq", "welore", {}, ratios),
+                  ("svd-llm-seq", "uniform", {}, [0.2]),
+                  ("svd-llm-seq", "uniform", {"update_target": "original", "damping": 0.05}, [0.2]))
+    for method, allocation, kw, grid in sequential:
         label = method + ("-orig" if kw.get("update_target") == "original" else "")
         for ratio in (r for r in ratios if r in grid):
             t = time.perf_counter()
-            rep = compress_(model, method, ratio, calibration=upd_ids, stats=stats, progress=False, **kw)
-            record(label, "uniform", ratio, rep, time.perf_counter() - t, update_tokens=int(upd_ids.numel()), **kw)
+            rep = compress_(model, method, ratio, allocation=allocation, calibration=upd_ids, stats=stats,
+                            progress=False, **kw)
+            record(label, allocation, ratio, rep, time.perf_counter() - t, update_tokens=int(upd_ids.numel()), **kw)
             restore(model, originals)
 
     # ---- EoRA: compensation of quantisation / pruning, and of our own truncation
@@ -164,24 +163,38 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{method} 20% + eora r={k}: ppl {p:.2f} ({p / dense_ppl:.2f}x)")
         restore(model, originals)
 
-    # ---- latency of the factorised structures (independent of the method)
-    lat_rows = [{"config": "dense", "ratio": 0.0, "latency_ms": dense_lat * 1e3, "latency_vs_dense": 1.0}]
-    # uniform ranks give the same structure for every method: time it with lord (no SVD fit
-    # needed beyond the weights); the best 20 % configuration's own structure is timed too
+    # ---- latency: uniform ranks give one structure for every method (timed with lord); the best
+    # 20 % configuration's own structure too. Dense and compressed forwards are interleaved and
+    # the medians compared, so that load from other processes hits both alike.
+    lat_rows = []
     structures = [("lord", "uniform", r) for r in ratios]
     best = min((r for r in rows if r["ratio"] == 0.2), key=lambda r: r["perplexity"], default=None)
-    if best and best["allocation"] != "uniform" and best["method"] in METHODS:
-        structures.append((best["method"], best["allocation"], 0.2))
+    if best and best["allocation"] != "uniform":
+        structures.append(("svd-llm" if best["method"] not in METHODS else best["method"], best["allocation"], 0.2))
     for method, allocation, ratio in structures:
         rep = compress_(model, method, ratio, allocation=allocation, stats=stats, progress=False)
-        lat = latency()
-        label = "uniform ranks" if allocation == "uniform" else f"{method} + {allocation} ranks"
-        lat_rows.append({"config": label, "ratio": ratio, "latency_ms": lat * 1e3,
-                         "latency_vs_dense": lat / dense_lat, "ratio_model": rep.ratio_model})
-        log(f"latency {label} {ratio:.2f}: {lat * 1e3:.0f} ms ({lat / dense_lat:.3f}x)")
+        compressed = {f: model.get_submodule(f) for f in targets}
         restore(model, originals)
+        dense_t, comp_t = [], []
+        with torch.inference_mode():
+            model(batch)  # warm-up
+            for _ in range(args.latency_repeats):
+                t = time.perf_counter()
+                model(batch)
+                dense_t.append(time.perf_counter() - t)
+                with replaced(model, compressed):
+                    if not comp_t:
+                        model(batch)  # warm-up
+                    t = time.perf_counter()
+                    model(batch)
+                    comp_t.append(time.perf_counter() - t)
+        d, c = statistics.median(dense_t), statistics.median(comp_t)
+        label = "uniform ranks" if allocation == "uniform" else f"{method} + {allocation} ranks"
+        lat_rows.append({"config": label, "ratio": ratio, "dense_ms": d * 1e3, "latency_ms": c * 1e3,
+                         "latency_vs_dense": c / d, "ratio_model": rep.ratio_model})
+        log(f"latency {label} {ratio:.2f}: {c * 1e3:.0f} ms vs dense {d * 1e3:.0f} ms ({c / d:.3f}x)")
     return {
-        "dense": {"perplexity": dense_ppl, "latency_ms": dense_lat * 1e3},
+        "dense": {"perplexity": dense_ppl},
         "calibration": calib | {"capture_s": capture_s, "fisher_samples": args.fisher_samples,
                                 "fisher_s": fisher_s, "update_samples": args.update_samples},
         "eval": {"corpus": "python-docs", "split": "test", "tokens": args.eval_tokens,
@@ -199,7 +212,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     from rankwise.compress import build_compressor, compress_, find_targets
     from rankwise.compress.api import _capture, calibration_ids
     from rankwise.data import load_topics
-    from rankwise.eval import embed, topic_accuracy
+    from rankwise.eval import embed, nearest_centroid_accuracy
     from rankwise.surgery import restore
 
     model = rankwise.load_model("minilm-l6")
@@ -208,14 +221,21 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     originals = dict(targets)
     ids, calib = calibration_ids(model, None, tok, n_samples=args.calib_samples, seq_len=128)
     stats = _capture(model, ids, targets, ("gram", "mean", "abs_mean"), batch_size=8, progress=False, loss_fn=None)
-    data = load_topics("fortunes", "test")
-    texts = list(data.texts if hasattr(data, "texts") else data[0])
-    ref = embed(model, tok, texts)
-    dense_acc = topic_accuracy(model, tok)["accuracy"]
+    def split(name: str) -> tuple[list[str], list[int]]:
+        d = load_topics("fortunes", name)
+        return list(d.texts if hasattr(d, "texts") else d[0]), list(d.labels if hasattr(d, "labels") else d[1])
+
+    (train, train_y), (test, test_y) = split("train"), split("test")
+
+    def evaluate() -> tuple[torch.Tensor, float]:
+        e_test = embed(model, tok, test)
+        return e_test, nearest_centroid_accuracy(embed(model, tok, train), train_y, e_test, test_y)
+
+    ref, dense_acc = evaluate()
     log(f"MiniLM dense fortunes accuracy {dense_acc:.3f}")
     rows = []
     configs = [(m, "uniform") for m in ("lord", "asvd", "svd-llm", "afm")]
-    configs += [("svd-llm", a) for a in ("budget", "welore", "dynamic")] + [("lord", "welore")]
+    configs += [("svd-llm", a) for a in ("welore", "dynamic")]
     for method, allocation in configs:
         comp = build_compressor(method)
         for f in targets:
@@ -224,8 +244,8 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             rep = compress_(model, method, ratio, allocation=allocation, compressor=comp, progress=False)
             seconds = time.perf_counter() - t
-            cos = (embed(model, tok, texts).double() * ref.double()).sum(-1)
-            acc = topic_accuracy(model, tok)["accuracy"]
+            emb, acc = evaluate()
+            cos = (emb.double() * ref.double()).sum(-1)
             rows.append({"method": method, "allocation": allocation, "ratio": ratio,
                          "mean_cosine": cos.mean().item(), "min_cosine": cos.min().item(),
                          "accuracy": acc, "ratio_targets": rep.ratio_targets, "ratio_model": rep.ratio_model,
@@ -233,7 +253,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             log(f"MiniLM {method:<8}{allocation:<8}{ratio:.2f} cos {cos.mean():.4f} acc {acc:.3f} "
                 f"removed {rep.ratio_targets:.3f}/{rep.ratio_model:.3f}")
             restore(model, originals)
-    return {"dense_accuracy": dense_acc, "texts": len(texts), "calibration": calib, "grid": rows,
+    return {"dense_accuracy": dense_acc, "texts": len(test), "calibration": calib, "grid": rows,
             "note": "fwsvd is not run on MiniLM: a bare encoder has no training loss for the Fisher"}
 
 
@@ -291,10 +311,13 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{fmt(r['ppl_vs_dense'])}x | {r['ratio_model']:.1%} |")
     lines += ["", "Quantised/pruned weights are simulated (stored dequantised); `ratio` counts parameters, "
               "so the EoRA paths show as a negative removal.", "",
-              "## Latency (forward of a 4 x 256 batch, median of 5)", "",
-              "| structure | ratio | latency (ms) | vs dense |", "|---|---|---|---|"]
+              f"## Latency (forward of a {s['latency_batch'][0]} x {s['latency_batch'][1]} batch, "
+              f"median of {res['settings']['latency_repeats']} interleaved with the dense model)", "",
+              "| structure | ratio | model removed | dense (ms) | compressed (ms) | vs dense |",
+              "|---|---|---|---|---|---|"]
     for r in s["latency"]:
-        lines.append(f"| {r['config']} | {r['ratio']:.0%} | {r['latency_ms']:.0f} | {r['latency_vs_dense']:.3f} |")
+        lines.append(f"| {r['config']} | {r['ratio']:.0%} | {r['ratio_model']:.1%} | {r['dense_ms']:.0f} | "
+                     f"{r['latency_ms']:.0f} | {r['latency_vs_dense']:.3f} |")
     if "minilm" in res:
         m = res["minilm"]
         mr = sorted({r["ratio"] for r in m["grid"]})

@@ -415,6 +415,7 @@ def compensate_(
         CompensatedLinear,
         compensate,
         compressed_weight,
+        eigen_whitening,
     )
 
     start = time.perf_counter()
@@ -433,6 +434,7 @@ def compensate_(
                                           seq_len=seq_len, seed=seed)
         stats = _capture(model, ids, targets, ("gram",), batch_size=batch_size, progress=progress, loss_fn=None)
     records = []
+    shared: dict[int, Any] = {}  # id(gram) -> eigen-whitening: q/k/v and gate/up share one Gram
     for fqn, module in tqdm(targets.items(), desc=f"{base} + {compensation}", disable=not progress, leave=False):
         gram = stats[fqn].gram
         w_c = compressed_weight(module.weight, base, gram=gram, block_size=block_size)
@@ -446,7 +448,9 @@ def compensate_(
         k = min(rank, module.in_features, module.out_features)
         if k:
             if compensation == "eora":
-                new = compensate(module, base_layer, gram, k)
+                if id(gram) not in shared:
+                    shared[id(gram)] = eigen_whitening(gram)
+                new = compensate(module, base_layer, gram, k, whitening=shared[id(gram)])
             else:
                 from rankwise import linalg
 

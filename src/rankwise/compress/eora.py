@@ -27,26 +27,44 @@ import torch
 from torch import nn
 
 from rankwise.compress.base import InputStats
-from rankwise.compress.svd import SVDConfig, build_whitening, whitened_factors
+from rankwise.compress.svd import SVDConfig, Whitening, build_whitening, whitened_factors
 
-__all__ = ["COMPRESSIONS", "CompensatedLinear", "compressed_weight", "eora_factors"]
+__all__ = [
+    "COMPRESSIONS",
+    "CompensatedLinear",
+    "compensate",
+    "compressed_weight",
+    "eigen_whitening",
+    "eora_factors",
+]
 
 COMPRESSIONS = ("svd", "int8", "int4", "2:4")
 
 
+def eigen_whitening(gram: torch.Tensor, *, eig_floor: float = 1e-10) -> Whitening:
+    """EoRA's projection `Q Lambda^1/2` (as a symmetric root) and its inverse for a Gram (n, n)."""
+    config = SVDConfig(whitener="eigh", eig_floor=eig_floor)
+    return build_whitening(config, InputStats(gram=gram, n_tokens=1), gram)
+
+
 def eora_factors(
-    delta: torch.Tensor, gram: torch.Tensor, rank: int, *, eig_floor: float = 1e-10
+    delta: torch.Tensor,
+    gram: torch.Tensor,
+    rank: int,
+    *,
+    eig_floor: float = 1e-10,
+    whitening: Whitening | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """B (m, r), A (r, n) minimising eq. (1) for the error `delta` (m, n) and Gram G (n, n).
 
     Any positive scaling of G (sum or mean over tokens) gives the same factors. Returned in fp64.
+    `whitening` (from `eigen_whitening(gram)`) skips the eigendecomposition when layers share G.
     """
     if delta.dim() != 2 or gram.shape != (delta.shape[1], delta.shape[1]):
         raise ValueError(
             f"delta must be (m, n) and gram (n, n); got {tuple(delta.shape)} and {tuple(gram.shape)}"
         )
-    config = SVDConfig(whitener="eigh", eig_floor=eig_floor)
-    wh = build_whitening(config, InputStats(gram=gram, n_tokens=1), delta)
+    wh = whitening if whitening is not None else eigen_whitening(gram, eig_floor=eig_floor)
     return whitened_factors(delta.detach().to(torch.float64), rank, wh)
 
 
@@ -135,10 +153,11 @@ def compensate(
     rank: int,
     *,
     eig_floor: float = 1e-10,
+    whitening: Whitening | None = None,
 ) -> CompensatedLinear:
     """Wrap `base_layer` (the compressed form of `original`) with its rank-`rank` EoRA path."""
     weight = original.weight.detach()
     base = CompensatedLinear(base_layer, weight.shape[1], weight.shape[0], 1)
     delta = weight.to(torch.float64) - base.base_weight().detach().to(torch.float64)
-    B, A = eora_factors(delta, gram, min(rank, min(delta.shape)), eig_floor=eig_floor)
+    B, A = eora_factors(delta, gram, min(rank, min(delta.shape)), eig_floor=eig_floor, whitening=whitening)
     return CompensatedLinear.from_factors(base_layer, B, A)
