@@ -36,6 +36,7 @@ __all__ = [
     "break_even_rank",
     "factorized_params",
     "heavy_tail_rank",
+    "welore_normalised",
     "rank_for_budget",
     "rank_for_energy",
     "rank_for_ratio",
@@ -124,7 +125,7 @@ def rank_for_energy(S: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(frac, target)) + 1
 
 
-def _normalised_tail(S: torch.Tensor) -> torch.Tensor:
+def welore_normalised(S: torch.Tensor) -> torch.Tensor:
     """WeLore's min-max normalisation (s - min) / (max - min), descending; ones if flat."""
     lo, hi = float(S[-1]), float(S[0])
     return (S - lo) / (hi - lo) if hi > lo else torch.ones_like(S)
@@ -138,7 +139,7 @@ def heavy_tail_rank(S: torch.Tensor, tau: float) -> int:
     """
     tau = validate_fraction(tau, "tau", low=0.0, high=1.0, high_open=False)
     s = _sorted_spectrum(S)
-    return s.numel() - int((_normalised_tail(s) < tau).sum())
+    return s.numel() - int((welore_normalised(s) < tau).sum())
 
 
 def rank_for_budget(shapes: Mapping[str, tuple[int, int]], budget: int) -> dict[str, int | None]:
@@ -240,7 +241,7 @@ def allocate(
         ranks = ranks_at(level) if level is not None else None
         logger.debug("energy allocation: common energy level %s", level)
     else:
-        normed = {k: _normalised_tail(s) for k, s in spec.items()}
+        normed = {k: welore_normalised(s) for k, s in spec.items()}
 
         def ranks_at(tau: float) -> dict[str, int]:
             return {k: v.numel() - int((v < tau).sum()) for k, v in normed.items()}

@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from rankwise.linalg.rank import welore_normalised
+
 __all__ = [
     "PowerLawFit",
     "effective_rank",
@@ -381,10 +383,9 @@ def welore_drop(x: torch.Tensor, tau: float) -> int:
     (max == min) drops nothing.
     """
     s, _ = _spectrum(x)
-    lo, hi = float(s[-1]), float(s[0])
-    if hi == lo:
+    if float(s[0]) == float(s[-1]):
         return 0
-    return int(((s - lo) / (hi - lo) < tau).sum())
+    return int((welore_normalised(s) < tau).sum())
 
 
 def welore_threshold(spectra: list[torch.Tensor], reduction: float, *, iters: int = 60) -> float:
@@ -397,12 +398,7 @@ def welore_threshold(spectra: list[torch.Tensor], reduction: float, *, iters: in
         raise ValueError(f"reduction must be in [0, 1), got {reduction}: e.g. 0.5 for 50 % of the rank")
     if not spectra:
         raise ValueError("no spectra given: pass one singular-value tensor per matrix")
-    normed = []
-    for x in spectra:
-        s, _ = _spectrum(x)
-        lo, hi = float(s[-1]), float(s[0])
-        normed.append((s - lo) / (hi - lo) if hi > lo else torch.ones_like(s))
-    flat = torch.cat(normed)
+    flat = torch.cat([welore_normalised(_spectrum(x)[0]) for x in spectra])
     total = flat.numel()
     lo_t, hi_t = 0.0, 1.0 + 1e-9
     for _ in range(iters):
