@@ -10,8 +10,11 @@
   before wrapping (LoRA-SB's first-step estimate, adapters.md §4b);
 * ``ctx.generator``: a CPU ``torch.Generator`` seeded from (seed, layer name), so inits are
   reproducible and never touch the global RNG (adapters.md §0);
-* ``ctx.shared(key, factory)``: one tensor shared by every layer of this `adapt_` call (VeRA's
-  and RandLoRA's random bases, sized with ``ctx.all_shapes``).
+* ``ctx.shared(key, factory)``: one object shared by every layer of this `adapt_` call (VeRA's
+  and RandLoRA's random bases, sized with ``ctx.all_shapes``; MoS's shard pools; EVA's
+  model-wide rank allocation);
+* ``ctx.all_activations()``: the input statistics of *every* adapted layer, by fqn, for
+  model-wide decisions such as EVA's rank redistribution (adapters.md §18).
 
 Activations and gradients need a model-wide pass, so `adapt_` runs it up front when a method
 declares them in ``needs`` (`collect_model_data`).
@@ -47,7 +50,7 @@ class ModelData:
         self.all_shapes = dict(all_shapes)
         self.activations = activations
         self.gradients = gradients
-        self.shared: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, Any] = {}
 
 
 class InitContext:
@@ -116,6 +119,18 @@ class InitContext:
             )
         return acts[self.fqn]
 
+    def all_activations(self) -> dict[str, Any]:
+        """Input statistics of every layer adapted by this call, by fqn (model-wide inits)."""
+        acts = self._data.activations
+        missing = [n for n in self.all_shapes if acts is None or n not in acts]
+        if missing:
+            raise ValueError(
+                f"no input activations for {missing[:5]}: this method needs data for every "
+                "target; pass data=<batches> (or input_stats=<capture_input_stats output "
+                "covering all targets>) to adapt_"
+            )
+        return {n: acts[n] for n in self.all_shapes}
+
     def gradient(self) -> torch.Tensor:
         """Σ over the calibration batches of ∂L/∂W (out, in), fp32."""
         grads = self._data.gradients
@@ -126,8 +141,9 @@ class InitContext:
             )
         return grads[self.fqn]
 
-    def shared(self, key: str, factory: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The tensor stored under `key` for this adapt_ call, made by `factory` on first use."""
+    def shared(self, key: str, factory: Callable[[], Any]) -> Any:
+        """The object stored under `key` for this adapt_ call, made by `factory` on first use
+        (a tensor, or any value a model-wide init computes once)."""
         store = self._data.shared
         if key not in store:
             store[key] = factory()
