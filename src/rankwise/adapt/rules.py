@@ -15,7 +15,9 @@ attaches to the Trainer's optimizer at ``on_train_begin`` (total steps from ``ma
 Around each ``optimizer.step()`` (``register_step_pre_hook`` / ``register_step_post_hook``):
 
 1. before: each method's `regularizer()` (a loss term such as SoRA's λ₁·mean|g| or AdaLoRA's
-   orthogonality penalty) is differentiated and its gradient *added to .grad*, which equals
+   orthogonality penalty; a method class may instead define the classmethod
+   ``group_regularizer(methods)`` for a model-wide term such as a mean over every layer) is
+   differentiated and its gradient *added to .grad*, which equals
    adding it to the loss (∇(L + R) = ∇L + ∇R) without touching the loss code; then
    ``group_before_step`` (gradient rewrites). The regularizer gradient lands after any
    gradient clipping the loop did and once per optimizer step (not per micro-batch);
@@ -23,7 +25,11 @@ Around each ``optimizer.step()`` (``register_step_pre_hook`` / ``register_step_p
    then masks; SoRA soft-thresholds its gates).
 
 Group hooks see every layer of one method class at once, so model-wide rules (a global rank
-budget) are one classmethod. Silent degradation is impossible: a method with rules raises in
+budget) are one classmethod. Rules that keep state between steps (AdaLoRA's importance EMAs)
+expose it through ``rule_state()`` / ``load_rule_state(state)``; `AdapterRules.state_dict` and
+`AdapterRules.load_state_dict` collect it with the step counter for an exact resume.
+
+Silent degradation is impossible: a method with rules raises in
 its first training forward if no rules are attached (PEFT's AdaLoRA silently becomes LoRA when
 ``update_and_allocate`` is forgotten), and merging or saving one that trained while its rule
 never ran warns.
@@ -70,9 +76,9 @@ class AdapterRules:
         self.model = model
         self.total_steps = total_steps
         self.step = 0
-        self.methods = [
-            layer.adapter for layer in adapter_layers(model).values() if layer.adapter.has_rules
-        ]
+        layers = {n: layer for n, layer in adapter_layers(model).items() if layer.adapter.has_rules}
+        self.names = list(layers)
+        self.methods = [layer.adapter for layer in layers.values()]
         self.optimizer: torch.optim.Optimizer | None = None
         self._handles: list[Any] = []
 
@@ -119,13 +125,38 @@ class AdapterRules:
         assert self.optimizer is not None
         return RuleState(step=self.step, total_steps=self.total_steps, optimizer=self.optimizer)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: the step and, by layer name, each method's ``rule_state()`` (for
+        methods that keep one, e.g. AdaLoRA's importance EMAs): tensors, numbers, nested dicts."""
+        layers = {name: m.rule_state() for name, m in zip(self.names, self.methods, strict=True)
+                  if hasattr(m, "rule_state")}
+        return {"step": self.step, "layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (for an exact resume)."""
+        saved = state.get("layers", {})
+        expected = [n for n, m in zip(self.names, self.methods, strict=True)
+                    if hasattr(m, "load_rule_state")]
+        missing = sorted(set(expected) - set(saved))
+        if missing:
+            raise ValueError(f"the rules state lacks layers {missing[:5]}: it was saved for "
+                             "another model or adapter; resume with the same settings")
+        self.step = int(state["step"])
+        for name, m in zip(self.names, self.methods, strict=True):
+            m.rule_steps = self.step
+            if name in expected:
+                m.load_rule_state(saved[name])
+
     def regularizer(self) -> torch.Tensor:
         """Σ of the methods' regularizers (for logging; the hooks add its gradient)."""
-        terms = [r for m in self.methods if (r := m.regularizer()) is not None]
+        with torch.no_grad():
+            terms = [r for ms in self._groups().values()
+                     if (r := group_regularizer(ms)) is not None]
         return torch.stack([t.float() for t in terms]).sum() if terms else torch.zeros(())
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._add_regularizer_grads(self.methods)
+        for methods in self._groups().values():
+            self._add_regularizer_grads(methods)
         state = self.state()
         for cls, methods in self._groups().items():
             cls.group_before_step(methods, state)
@@ -140,17 +171,29 @@ class AdapterRules:
 
     @staticmethod
     def _add_regularizer_grads(methods: Sequence[AdapterMethod]) -> None:
+        """Add ∇R to .grad for the regularizer R of one method class's layers."""
         with torch.enable_grad():
-            for m in methods:
-                reg = m.regularizer()
-                if reg is None:
+            reg = group_regularizer(methods)
+            if reg is None or not reg.requires_grad:
+                return
+            params = [p for m in methods for p in m.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(reg, params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                if g is None:
                     continue
-                params = [p for p in m.parameters() if p.requires_grad]
-                grads = torch.autograd.grad(reg, params, allow_unused=True)
-                for p, g in zip(params, grads, strict=True):
-                    if g is None:
-                        continue
-                    p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+                p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+
+
+def group_regularizer(methods: Sequence[AdapterMethod]) -> torch.Tensor | None:
+    """The loss term of the layers `methods` (all of one class): the class's
+    ``group_regularizer(methods)`` if it defines one, else Σ of each layer's `regularizer()`."""
+    if not methods:
+        return None
+    hook = getattr(type(methods[0]), "group_regularizer", None)
+    if hook is not None:
+        return hook(methods)
+    terms = [r for m in methods if (r := m.regularizer()) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def attach_rules(

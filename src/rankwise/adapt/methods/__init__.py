@@ -24,3 +24,18 @@ __all__ += ["VeRA", "VeRAConfig", "NOLA", "NOLAConfig", "RandLoRA", "RandLoRACon
 __all__ += ["LoRAXS", "LoRAXSConfig", "LoRASB", "LoRASBConfig", "SVFit", "SVFitConfig"]
 __all__ += ["SALT", "SALTConfig", "LoLDU", "LoLDUConfig"]
 __all__ += ["SoRA", "SoRAConfig", "ALLoRA", "ALLoRAConfig", "DyLoRA", "DyLoRAConfig"]
+from rankwise.adapt.methods.adalora import AdaLoRA, AdaLoRAConfig  # noqa: E402
+from rankwise.adapt.methods.increlora import IncreLoRA, IncreLoRAConfig  # noqa: E402
+from rankwise.adapt.methods.lora_ggpo import LoRAGGPO, LoRAGGPOConfig  # noqa: E402
+from rankwise.adapt.methods.lora_pro import LoRAPro, LoRAProConfig  # noqa: E402
+
+__all__ += ["AdaLoRA", "AdaLoRAConfig", "IncreLoRA", "IncreLoRAConfig"]
+__all__ += ["LoRAGGPO", "LoRAGGPOConfig", "LoRAPro", "LoRAProConfig"]
+from rankwise.adapt.methods.block_lora import BlockLoRA, BlockLoRAConfig  # noqa: E402
+from rankwise.adapt.methods.eva import EVA, EVAConfig  # noqa: E402
+from rankwise.adapt.methods.flora import FLoRA, FLoRAConfig  # noqa: E402
+from rankwise.adapt.methods.mos import MoS, MoSConfig  # noqa: E402
+from rankwise.adapt.methods.sara import SaRA, SaRAConfig  # noqa: E402
+
+__all__ += ["BlockLoRA", "BlockLoRAConfig", "EVA", "EVAConfig", "FLoRA", "FLoRAConfig"]
+__all__ += ["MoS", "MoSConfig", "SaRA", "SaRAConfig"]
