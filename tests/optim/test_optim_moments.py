@@ -76,7 +76,7 @@ def test_8bit_moments_track_fp32_and_bytes_follow_the_block_formula():
     assert rel < 0.05, f"8-bit moments drift {rel:.3f} from fp32"
     numel = 64 * r
     blocks = -(-numel // block)
-    per_moment = blocks * block + 4 * blocks + 8 * 5  # codes, scales, shape(2)+bits+block+ours
+    per_moment = blocks * block + 4 * blocks + 8 * 3  # int8 codes, fp32 scales, shape(2)+block
     projector = 4 * r * 48
     assert opts[8].state_bytes() == 2 * per_moment + projector + 32
     assert qstate.is_quantized(opts[8].state[next(iter(opts[8].state))], "exp_avg_sq")

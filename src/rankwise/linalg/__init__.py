@@ -7,7 +7,7 @@ Cholesky and eigh in fp64; results come back in that compute dtype for the calle
 
 Modules: svd (exact/truncated/randomized SVD, balanced factors), bases (DCT, Haar, column
 selection), project (GaLore one-sided projections), rank (break-even, ratio/energy/budget rules,
-allocation), whiten (Cholesky/eigh whiteners), quant (blockwise int8/int4), spectral (diagnostic
+allocation), subspace (subspace iteration for one-sided bases), whiten (Cholesky/eigh whiteners), quant (blockwise int8/int4), spectral (diagnostic
 metrics; imported lazily as rankwise.linalg.spectral).
 """
 
@@ -40,6 +40,7 @@ from rankwise.linalg.sampling import (
     select_calibration_tokens,
     weighted_gram,
 )
+from rankwise.linalg.subspace import top_right_subspace
 from rankwise.linalg.svd import (
     default_oversample,
     low_rank_approx,
@@ -96,6 +97,7 @@ __all__ = [
     "split_factors",
     "svd",
     "svdvals",
+    "top_right_subspace",
     "truncated_svd",
 ]
 

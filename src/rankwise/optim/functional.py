@@ -53,7 +53,8 @@ def adam_denom(
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
     if style == "torch":
-        return (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps), lr / bc1
+        # in place after the one allocation: same values as torch's `(sqrt(V) / c).add_(eps)`
+        return exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps), lr / bc1
     if style == "galore":
         return exp_avg_sq.sqrt().add_(eps), lr * math.sqrt(bc2) / bc1
     raise ValueError(f"adam_style {style!r} is unknown: choose one of {ADAM_STYLES}")
@@ -143,21 +144,51 @@ def tensor_scale(numer: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     return numer.norm() / (denom.norm() + 1e-8)
 
 
+def norm_growth_factor(
+    norm: torch.Tensor, prev_norm: torch.Tensor, gamma: float = 1.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's norm-growth limiter as a divisor (Fira §3.3, gamma = 1.01 hard-coded there).
+
+    For an update of norm `norm` (0-d) and the previous stored norm ``prev_norm`` (0-d;
+    negative = "no previous step"), returns ``(limit, new_prev_norm)``: divide the update by
+    ``limit`` (>= 1; exactly 1 on the first call) so that its norm is at most
+    ``gamma * prev_norm``; the stored norm is the norm *after* limiting.
+    """
+    if float(prev_norm) < 0.0:
+        return torch.ones((), dtype=norm.dtype), norm.detach().clone().to(prev_norm.dtype)
+    ratio = norm / (prev_norm + 1e-8)
+    limit = torch.clamp(ratio, min=gamma) / gamma  # >= 1
+    return limit, (norm / limit).to(prev_norm.dtype)
+
+
 def norm_growth_limit(
     update: torch.Tensor, prev_norm: torch.Tensor, gamma: float = 1.01
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fira's norm-growth limiter (Fira §3.3, gamma = 1.01 hard-coded there).
-
-    ``prev_norm`` is a 0-d tensor; a negative value means "no previous step" (the first call
-    only records the norm). Returns ``(limited_update, new_prev_norm)`` with
-    ``||limited|| <= gamma * prev_norm``; the stored norm is the norm *after* limiting.
-    """
+    """`norm_growth_factor` applied: ``(update / limit, new_prev_norm)``, with
+    ``||limited|| <= gamma * prev_norm`` (the first call only records the norm)."""
     norm = update.norm()
     if float(prev_norm) < 0.0:
         return update, norm.detach().clone().to(prev_norm.dtype)
-    ratio = norm / (prev_norm + 1e-8)
-    limit = torch.clamp(ratio, min=gamma) / gamma  # >= 1
-    return update / limit, (norm / limit).to(prev_norm.dtype)
+    limit, new = norm_growth_factor(norm, prev_norm, gamma)
+    return update / limit, new
+
+
+def residual_norm(
+    grad: torch.Tensor, low: torch.Tensor, side: str, scale: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """``|| weight * (G - scale * up(low)) ||_F`` without forming the (m, n) residual.
+
+    With an orthonormal basis, ``G - up(low)`` is orthogonal to the subspace, so per
+    full-size channel c (rows for right projection, columns for left; `channel_dim`)
+    ``||G_c - s up(low)_c||² = ||G_c||² - (1 - (1 - s)²) ||low_c||²`` (Pythagoras), and a
+    per-channel `weight` (the broadcastable (m, 1) / (1, n) of `channel_scale`) multiplies it.
+    Rounding can leave a tiny negative difference where the residual is ~0: clamped at 0.
+    """
+    dim = 1 if side == "right" else 0
+    gsq = torch.linalg.vector_norm(grad, dim=dim).square_()
+    lsq = torch.linalg.vector_norm(low, dim=dim).square_()
+    resid = gsq.sub_(lsq, alpha=1.0 - (1.0 - scale) ** 2).clamp_(min=0.0)
+    return resid.mul_(weight.reshape(-1).square()).sum().sqrt()
 
 
 # --------------------------------------------------------------------------- residuals

@@ -36,7 +36,6 @@ per-parameter update from gradient hooks during backward.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,7 +43,7 @@ import torch
 
 from rankwise.optim import distributed as dist_
 from rankwise.optim import functional as F
-from rankwise.optim import qstate
+from rankwise.optim import qstate, rules
 from rankwise.optim.projector import PROJECTORS, Projector, check_matrix, make_projector
 
 logger = logging.getLogger(__name__)
@@ -74,8 +73,9 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "limiter": False,
     "limiter_gamma": 1.01,
     "scale_front": False,
-    # Measured (benchmarks/results/optim.md, tiny Llama, GaLore and DCT): resetting the
-    # moments when the subspace changes gave the lowest loss; presets keep their papers' choice.
+    # Measured (benchmarks/results/optim.md, tiny Llama, val loss): for GaLore (SVD) resetting
+    # the moments on a subspace change is best (4.94 vs keep 5.10, reproject 5.06); for DCT the
+    # three are within 0.07 (reproject 5.40, keep 5.41, reset 5.47). Presets keep their papers'.
     "moment_policy": "reset",
     "adafactor_beta1": None,
     "decay_rate": -0.8,
@@ -261,26 +261,41 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["moment_step"] += 1
         k = int(state["moment_step"])
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
+        # the update is W += alpha * full + up(low_term) (either may be None): the low-rank
+        # part is added by one in-place GEMM (W.addmm_), never materialised at (m, n)
+        full, alpha, mult = None, 1.0, None
         if group["rule"] == "adafactor":
-            update = self._adafactor_low(low, group, state, k)
-            delta, alpha, decay_before = proj.up(update).mul_(scale), -1.0, True
+            low_term = self._adafactor_low(low, group, state, k).mul_(-scale)
+            decay_before = True
         elif group["rule"] == "sgd":  # linear, so any full-rank orthogonal P gives plain SGD
             buf = state["momentum_buffer"]
             buf.mul_(group["betas"][0]).add_(low)
-            delta, alpha, decay_before = proj.up(buf), -lr * scale, True
+            low_term, decay_before = buf.mul(-lr * scale), True
         else:
-            delta, alpha = self._adam_delta(g, low, proj, group, state, k)
+            full, alpha, mult, low_term = self._adam_delta(g, low, proj, group, state, k)
             decay_before = group["adam_style"] == "torch"
         w = dist_.local(p)
         if decay_before:
             F.decoupled_decay_(w, lr, wd)
-        w.add_(dist_.shard_like(delta, p).to(w.dtype), alpha=alpha)
+        if full is not None and mult is not None and not dist_.is_dtensor(p):
+            w.addcmul_(full.to(w.dtype), mult.to(w.dtype), value=alpha)  # one pass, no temp
+        elif full is not None:
+            full = full * mult if mult is not None else full
+            w.add_(dist_.shard_like(full, p).to(w.dtype), alpha=alpha)
+        if low_term is not None:
+            if dist_.is_dtensor(p) or w.dtype != low_term.dtype:
+                w.add_(dist_.shard_like(proj.up(low_term), p).to(w.dtype))
+            else:
+                proj.add_up_(w, low_term)
         if not decay_before and wd:
             w.add_(w, alpha=-lr * wd)
 
     def _adam_delta(
         self, g: torch.Tensor, low: torch.Tensor, proj: Projector, group: dict, state: dict, k: int
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor | None, float, torch.Tensor | None, torch.Tensor | None]:
+        """Adam in the subspace; returns ``(full, alpha, mult, low_term)`` with the update
+        ``W += alpha * full * mult + up(low_term)`` (None terms left out; `mult` broadcasts:
+        a per-channel or 0-d scale, so that the product is never formed)."""
         beta1, beta2 = group["betas"]
         m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
         F.adam_moments_(m, v, low, beta1, beta2)
@@ -292,45 +307,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if group["scaling"] is None and group["residual"] == "drop":
             # (-eta * M) / denom, then up: the same arithmetic as torch's addcdiv, so an
             # identity projector reproduces torch.optim.AdamW bit for bit.
-            delta = proj.up(m.mul(-eta).div_(denom))
-            return (delta.mul_(scale) if scale != 1.0 else delta), 1.0
+            step = m.mul(-eta).div_(denom)
+            return None, 1.0, None, (step.mul_(scale) if scale != 1.0 else step)
         n = m / denom
         if group["scaling"] is not None:  # APOLLO: scale the raw gradient, no back-projection
-            if group["scaling"] == "channel":
-                s = F.channel_scale(n, low, proj.side)
-            else:
-                s = F.tensor_scale(n, low)
-            delta = g * s
-            root = math.sqrt(scale)
-            if group["scale_front"]:
-                delta.mul_(root)
-            if group["limiter"]:
-                delta = self._limit(delta, group, state)
-            if not group["scale_front"]:
-                delta.mul_(root)
-            return delta, -eta
-        delta = proj.up(n)
-        if scale != 1.0:
-            delta.mul_(scale)
+            return (g, -eta, rules.apollo_scale(g, low, n, proj, group, state), None)
         residual = group["residual"]
-        if residual == "fira":  # Fira eq. (6): residual scaled per channel by ||N|| / ||R||
-            back = proj.up(low)
-            s_res = g - back.mul_(scale) if scale != 1.0 else g - back
-            s_res.mul_(F.channel_scale(n, low, proj.side))
-            if group["limiter"]:
-                s_res = self._limit(s_res, group, state)
-            return delta.add_(s_res), -eta
+        if residual == "fira":
+            return rules.fira(g, low, n, proj, group, state, eta)
         if residual in ("sign", "sgd"):  # FRUGAL: state-free rule on what the subspace misses
-            res = F.residual_update(g - proj.up(low), residual)
-            return delta.mul_(eta).add_(res, alpha=group["lr"] * group["residual_scale"]), -1.0
-        return delta, -eta
-
-    def _limit(self, x: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
-        if "limiter_norm" not in state:
-            state["limiter_norm"] = torch.tensor(-1.0, dtype=torch.float32, device=x.device)
-        x, state["limiter_norm"] = F.norm_growth_limit(x, state["limiter_norm"],
-                                                       group["limiter_gamma"])
-        return x
+            res = proj.residual(g, low)  # G - up(R), one GEMM into a new buffer
+            res = res.sign_() if residual == "sign" else res
+            return res, -group["lr"] * group["residual_scale"], None, n.mul_(-eta * scale)
+        return None, 1.0, None, n.mul_(-eta * scale)
 
     def _adafactor_low(self, low: torch.Tensor, group: dict, state: dict, k: int) -> torch.Tensor:
         return F.adafactor_update_(

@@ -26,6 +26,7 @@ wraps any dense one with int8/int4 storage and Q-GaLore's lazy refresh.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -221,6 +222,26 @@ class Projector:
         """Back-project (m, r) [right] or (r, n) [left] -> (m, n) (no scale applied)."""
         return _linalg().project_up(low, self._columns_form(low.dtype), self.side)
 
+    def add_up_(self, out: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """``out += up(low)`` in place by one GEMM (addmm_), without an (m, n) temporary."""
+        p = self._columns_form(low.dtype)
+        if self.side == "right":
+            return out.addmm_(low, p.mT)
+        return out.addmm_(p, low)
+
+    def residual(self, grad: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """``grad - up(low)`` as a new tensor, by one GEMM (addmm with alpha = -1)."""
+        p = self._columns_form(low.dtype)
+        if self.side == "right":
+            return torch.addmm(grad, low, p.mT, alpha=-1.0)
+        return torch.addmm(grad, p, low, alpha=-1.0)
+
+    @property
+    def orthonormal(self) -> bool:
+        """True when the basis is exactly orthonormal (up to rounding), so that the residual
+        G - up(down(G)) is orthogonal to the subspace (Fira's norm shortcut relies on it)."""
+        return True
+
     def first_vector(self) -> torch.Tensor:
         """Leading basis vector (Q-GaLore compares it across refreshes)."""
         p = self.basis()
@@ -255,24 +276,49 @@ class SVDProjector(Projector):
 
 
 class RandomizedSVDProjector(Projector):
-    """Top-r subspace by randomized SVD (Halko et al. 2011): O(mnr) instead of O(mn·min(m,n)).
+    """Top-r subspace by randomized subspace iteration (Halko et al. 2011): O(mnr), no full SVD.
 
-    Options: ``oversample`` (None: rankwise.linalg's measured default max(10, r/8)),
-    ``power_iters`` (2). The sketch is seeded from the
-    projector's seed and refresh count, so replicas and resumed runs draw the same sketch.
+    Options:
+
+    * ``method`` "subspace" (default): `rankwise.linalg.top_right_subspace`, the
+      one-sided iteration Z <- orth(GᵀG Z) with QRs on the small side only (a projector needs
+      one side of the SVD); "hmt": `rankwise.linalg.randomized_svd` (two-sided HMT 4.4).
+    * ``power_iters``: 2 (subspace: steps of GᵀG; hmt: HMT's q);
+    * ``oversample``: None = rankwise.linalg's max(10, r/8);
+    * ``warm_start`` (True, subspace only): from the second refresh on, start from the previous
+      basis (plus ``oversample`` Gaussian columns) and run ``warm_power_iters`` (1) steps:
+      subspace iteration continued across refreshes, as the gradient subspace moves slowly.
+
+    The Gaussian columns are seeded from the projector's seed and refresh count, so replicas
+    and resumed runs draw the same sketch.
     """
 
     kind = "randomized"
 
     def _compute(self, grad: torch.Tensor, step: int) -> None:
-        u, _, vh = _linalg().randomized_svd(
-            grad,
-            self.rank,
-            oversample=self.options.get("oversample"),
-            power_iters=int(self.options.get("power_iters", 2)),
-            seed=self.current_seed(),
-        )
-        self._store(vh if self.side == "right" else u, self.options.get("dtype") or grad.dtype)
+        dtype = self.options.get("dtype") or grad.dtype
+        method = self.options.get("method", "subspace")
+        if method == "hmt":
+            u, _, vh = _linalg().randomized_svd(
+                grad, self.rank, oversample=self.options.get("oversample"),
+                power_iters=int(self.options.get("power_iters", 2)), seed=self.current_seed())
+            self._store(vh if self.side == "right" else u, dtype)
+            return
+        if method != "subspace":
+            raise ValueError(f"randomized projector method {method!r} is unknown: "
+                             "choose 'subspace' or 'hmt'")
+        from rankwise.linalg import top_right_subspace
+
+        mat = grad if self.side == "right" else grad.mT  # basis side = columns of `mat`
+        start, iters = None, int(self.options.get("power_iters", 2))
+        # (a quantised wrapper keeps no float basis: it starts cold every time)
+        if self.options.get("warm_start", True) and "proj_basis" in self.state:
+            prev = self.state["proj_basis"].float()
+            start = prev if self.side == "right" else prev.mT
+            iters = int(self.options.get("warm_power_iters", 1))
+        v = top_right_subspace(mat, self.rank, oversample=self.options.get("oversample"),
+                               power_iters=iters, start=start, seed=self.current_seed())
+        self._store(v if self.side == "right" else v.mT, dtype)
 
 
 def cached_dct_basis(d: int, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
@@ -282,6 +328,12 @@ def cached_dct_basis(d: int, device: torch.device | str = "cpu", dtype=torch.flo
     optimizer state (DCT-AdamW, card 5: one basis serves every layer of that size).
     """
     return _linalg().dct_basis(int(d), dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _dct_rows(d: int, device: torch.device) -> torch.Tensor:
+    """Qᵀ (d, d) contiguous: row j is DCT basis vector j (cached per size, never in state)."""
+    return cached_dct_basis(d, device).T.contiguous()
 
 
 class DCTProjector(Projector):
@@ -306,14 +358,12 @@ class DCTProjector(Projector):
         idx = _linalg().select_aligned_columns(q, mat, self.rank, norm=norm)
         self.state["proj_idx"] = idx.to(device=grad.device, dtype=torch.int32)
 
-    def _columns(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        q = cached_dct_basis(self._d, device, dtype)
-        return q.index_select(1, self.state["proj_idx"].to(device=device, dtype=torch.long))
-
     def _dense_basis(self) -> torch.Tensor:
         idx = self.state["proj_idx"]
-        cols = self._columns(torch.float32, idx.device)  # (d, r)
-        return cols.T if self.side == "right" else cols
+        # gather whole rows of the cached Qᵀ (contiguous copies), not strided columns of Q:
+        # the selected basis is rebuilt at every step, so the gather is on the step's path
+        rows = _dct_rows(self._d, idx.device).index_select(0, idx.long())  # (r, d)
+        return rows if self.side == "right" else rows.T
 
 
 class RandomProjector(Projector):
@@ -329,6 +379,10 @@ class RandomProjector(Projector):
     @property
     def dense(self) -> bool:  # type: ignore[override]
         return bool(self.options.get("store_basis", False))
+
+    @property
+    def orthonormal(self) -> bool:  # type: ignore[override]
+        return bool(self.options.get("orthogonal", False))
 
     def _draw(self, device: torch.device) -> torch.Tensor:
         seed = self.current_seed()

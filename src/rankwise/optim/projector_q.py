@@ -95,5 +95,9 @@ class QuantizedProjector(Projector):
         basis = self.state.pop("proj_basis").float()
         quantize_to_state(self.state, "proj_q_", basis, self.bits, self.group_size, "minmax")
 
+    @property
+    def orthonormal(self) -> bool:  # type: ignore[override]
+        return False  # quantised codes are orthonormal only to within a code step
+
     def _dense_basis(self) -> torch.Tensor:
         return dequantize_from_state(self.state, "proj_q_").reshape(self.basis_shape)
