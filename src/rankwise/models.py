@@ -200,6 +200,16 @@ def load_model(
         raise TypeError(
             f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}"
         )
+    if Path(name_or_path).is_dir() and (Path(name_or_path) / "rankwise_compression.json").is_file():
+        # a directory written by rankwise.compress.save_compressed: factorised layers at saved ranks
+        from rankwise.compress.saving import load_compressed
+
+        if kwargs or (task is not None and task != _task_from_config(Path(name_or_path))):
+            raise ValueError(
+                f"{name_or_path} is a rankwise-compressed model: it loads as saved, without task= "
+                "or from_pretrained options (drop them)"
+            )
+        return load_compressed(name_or_path, dtype=dtype)
     directory, gguf = _resolve(name_or_path)
     bundled = _BUNDLED.get(str(name_or_path))
     if task is None:  # a GGUF file holds a causal LM (the only kind transformers reads from GGUF)

@@ -118,6 +118,12 @@ def test_save_load_generate_round_trip(tmp_path, llama, calib_ids):
     loaded = load_compressed(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(calib_ids).logits, llama(calib_ids).logits)
+    import rankwise
+
+    again = rankwise.load_model(tmp_path, dtype=torch.float64)  # one call for a compressed directory
+    assert all(p.dtype == torch.float64 for p in again.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(again(calib_ids).logits.float(), llama(calib_ids).logits, rtol=1e-4, atol=1e-5)
     assert count_parameters(loaded) == report.params_model_after
     prompt = calib_ids[:1, :5]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

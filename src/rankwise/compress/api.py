@@ -44,6 +44,11 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str] | None = 
     """`{fqn: nn.Linear}` to compress (surgery vocabulary; default all linears but the head)."""
     from rankwise import surgery
 
+    if target_modules is None and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layers: rankwise.compress factorises linear "
+            "weights only (convolutions and embeddings are left alone); nothing to compress"
+        )
     found = surgery.find_modules(model, target_modules)
     bad = [n for n, m in found.items() if not isinstance(m, nn.Linear)]
     if bad:

@@ -122,9 +122,9 @@ class Compressor(Protocol):
 # ----------------------------------------------------------------------------- accounting
 def check_ratio(ratio: float) -> float:
     """Validate a fraction of parameters removed: 0 <= ratio < 1."""
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or math.isnan(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float):
         raise TypeError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if not 0.0 <= ratio < 1.0:
+    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
         raise ValueError(
             f"ratio {ratio} is outside [0, 1): it is the fraction of parameters removed "
             "(0.2 removes 20 %); pass e.g. --ratio 0.2"

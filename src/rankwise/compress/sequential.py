@@ -67,7 +67,8 @@ def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[str
     if best is None:
         raise ValueError(
             "no nn.ModuleList of blocks holds the target layers: block-by-block calibration "
-            "needs a model with repeated blocks (e.g. model.layers); use sequential=False"
+            "needs a model with repeated blocks (e.g. model.layers): use a one-shot method "
+            "(method='svd-llm') or update='none'"
         )
     return best[1], best[2]
 
