@@ -16,7 +16,7 @@ renamed into place (state.json last), so a killed run never leaves a half checkp
 
 Resume rebuilds the *base* model, loads the saved adapters onto it (`load_adapter`: no
 re-initialisation, so data-driven inits are not recomputed), the trainable extras, optimizer,
-scheduler, the rules' step counter and the RNG, then continues from the saved step.
+scheduler, the rules' state (step and per-layer state such as AdaLoRA's importance EMAs) and the RNG, then continues from the saved step.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def save(
         "optimizer": _unwrap(optimizer).state_dict(),
         "scheduler": _unwrap(scheduler).state_dict(),
         "rng": get_rng_state(),
-        "rules_step": int(rules.step),
+        "rules": rules.state_dict(),
         "history": history,
     }
     tree, tensors = flatten_state(state)
@@ -160,7 +160,7 @@ def load_adapters(path: str | os.PathLike[str], model: nn.Module,
 
 def load_into(path: str | os.PathLike[str], *, optimizer: Any, scheduler: Any,
               rules: Any) -> dict[str, Any]:
-    """Restore optimizer, scheduler, rule step and RNG; returns {"step", "history"}."""
+    """Restore optimizer, scheduler, rules state and RNG; returns {"step", "history"}."""
     path = Path(path)
     meta = read_meta(path)
     state = unflatten_state(meta["state"], load_tensors(path / "state.safetensors"))
@@ -172,8 +172,6 @@ def load_into(path: str | os.PathLike[str], *, optimizer: Any, scheduler: Any,
                 saved[key] = tuple(saved[key])
     opt.load_state_dict(loaded)
     _unwrap(scheduler).load_state_dict(state["scheduler"])
-    rules.step = int(state["rules_step"])
-    for method in rules.methods:
-        method.rule_steps = rules.step
+    rules.load_state_dict(state["rules"])  # step + per-layer rule state (AdaLoRA EMAs, ...)
     set_rng_state(state["rng"])
     return {"step": int(meta["step"]), "history": state["history"]}

@@ -131,6 +131,13 @@ class DyLoRA(LoRABase):
     def extra_state(self) -> dict[str, Any]:
         return {"active_rank": self.active_rank}
 
+    def rule_state(self) -> dict[str, Any]:
+        """The rank drawn for the next training step (checkpointed for an exact resume)."""
+        return {"train_rank": int(self.train_rank)}
+
+    def load_rule_state(self, state: dict[str, Any]) -> None:
+        self.train_rank = int(state["train_rank"])
+
     @classmethod
     def from_saved(cls, config: DyLoRAConfig, geometry: Geometry, extra: dict[str, Any]
                    ) -> DyLoRA:
