@@ -231,6 +231,7 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tmp_path, monkeypatch):
 
     straight = _run("python-docs", tmp_path / "a", method_args={"dropout": 0.1})
     real = loop.task_batch
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run as a background job
 
     def batch_then_interrupt(data, step, *args):
         if step == 2:
@@ -242,7 +243,7 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "task_batch", real)
     assert stopped.steps == 3 and not stopped.completed
     assert ckpt.latest_checkpoint(tmp_path / "b").name == "step-000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     resumed = _run("python-docs", tmp_path / "b", resume=True, method_args={"dropout": 0.1})
     a, b = _trainable(straight.model), _trainable(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
