@@ -14,7 +14,7 @@ from collections.abc import Sequence
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Subcommand modules, in the order `rankwise --help` lists them.
-_SUBCOMMANDS: tuple[str, ...] = ("eval", "inspect", "compress", "pretrain")
+_SUBCOMMANDS: tuple[str, ...] = ("eval", "inspect", "compress", "pretrain", "finetune", "shrink")
 
 
 def build_parser() -> argparse.ArgumentParser:
