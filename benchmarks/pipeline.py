@@ -1,0 +1,236 @@
+"""Benchmark rankwise.pipeline.shrink on SmolLM2-135M; writes benchmarks/results/pipeline.*.
+
+For each ratio (fraction of the block linears' parameters removed): the test-split perplexity
+after each stage of `shrink` (compress with the measured best method + allocation, + EoRA
+compensation inside the budget, + time-budgeted healing), next to uniform whitened SVD
+(SVD-LLM's whitening, `method="svd-llm", allocation="uniform"`) computed in the same run on the
+same calibration data, with wall time per stage and the exported model's latency vs dense.
+
+    .venv/bin/python benchmarks/pipeline.py --threads 2                   # 10/20/30 %
+    .venv/bin/python benchmarks/pipeline.py --ratios 0.2 --heal-minutes 3 --quick
+
+Results are rewritten after every ratio, so a run that is stopped early keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.1, 0.3], help="run order (20 %% first)")
+    p.add_argument("--heal-minutes", type=float, default=15.0, help="healing budget at 20 %%")
+    p.add_argument("--heal-minutes-other", type=float, default=6.0, help="healing budget at the other ratios")
+    p.add_argument("--heal-method", default="lowrank")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--compensation-ranks", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work", type=Path, default=Path("/tmp/rankwise-pipeline-bench"))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--quick", action="store_true", help="fewer eval tokens (smoke run)")
+    return p.parse_args()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def baseline(dense: Any, tok: Any, ratio: float, cache: dict[str, Any], eval_tokens: int) -> dict[str, Any]:
+    """Uniform whitened SVD (SVD-LLM step 1) at `ratio`, on the same calibration statistics as
+    the pipeline run (shared cache)."""
+    from rankwise.compress import build_compressor, compress_
+    from rankwise.pipeline.measure import latency_vs, test_perplexity
+
+    t = time.perf_counter()
+    model = copy.deepcopy(dense)
+    comp = build_compressor("svd-llm")
+    for f, st in cache["calib"][2].items():
+        comp.observe_stats(f, st)
+    rep = compress_(model, "svd-llm", ratio, allocation="uniform", compressor=comp, progress=False)
+    del comp
+    seconds = time.perf_counter() - t
+    ppl = test_perplexity(model, tok, eval_tokens)
+    lat = latency_vs(model, dense)
+    return {"perplexity": ppl, "ratio_targets": rep.ratio_targets, "ratio_model": rep.ratio_model,
+            "seconds": seconds, "latency_vs_dense": lat["latency_vs_dense"]}
+
+
+def run_ratio(args: argparse.Namespace, dense: Any, tok: Any, ratio: float, cache: dict[str, Any]) -> dict[str, Any]:
+    from rankwise.pipeline import shrink
+
+    minutes = args.heal_minutes if abs(ratio - 0.2) < 1e-9 else args.heal_minutes_other
+    log(f"ratio {ratio:.2f}: shrink with {minutes:g} min of healing")
+    t = time.perf_counter()
+    result = shrink(dense, ratio, out=args.work / f"r{int(round(ratio * 100))}", tokenizer=tok,
+                    heal_minutes=minutes, heal_method=args.heal_method, eval_tokens=args.eval_tokens,
+                    compensation_ranks=tuple(args.compensation_ranks), progress=False, cache=cache)
+    total = time.perf_counter() - t
+    log(f"ratio {ratio:.2f}: uniform whitened SVD baseline")
+    base = baseline(dense, tok, ratio, cache, args.eval_tokens)
+    log(f"  baseline ppl {base['perplexity']:.3f}")
+    s = result.stages
+    d = s["dense"]["test_ppl"]
+    row = {
+        "ratio": ratio, "heal_minutes": minutes, "dense_ppl": d, "baseline": base | {"x_dense": base["perplexity"] / d},
+        "method": s["compress"]["method"], "allocation": s["compress"]["allocation"],
+        "candidates": s["compress"]["candidates"],
+        "compensation": {k: s["compensate"].get(k) for k in ("used_rank", "layers_compensated", "variants")},
+        "healing": s["heal"].get("training", {}) | {"kept": s["heal"].get("kept")},
+        "stages": {k: {"test_ppl": s[k]["test_ppl"], "x_dense": s[k]["test_ppl"] / d,
+                       "heldout_ppl": s[k]["heldout_ppl"], "seconds": s[k]["seconds"],
+                       "ratio_targets": s[k]["ratio_targets"], "ratio_model": s[k]["ratio_model"]}
+                   for k in ("compress", "compensate", "heal")},
+        "export_seconds": s["export"]["seconds"], "latency": s["export"]["latency"],
+        "reload_max_abs_diff": s["export"]["reload"]["max_abs_diff"], "total_seconds": total,
+    }
+    log(f"  compress {row['stages']['compress']['x_dense']:.3f}x  + comp {row['stages']['compensate']['x_dense']:.3f}x"
+        f"  + heal {row['stages']['heal']['x_dense']:.3f}x  (baseline {row['baseline']['x_dense']:.3f}x); "
+        f"latency {row['latency']['latency_vs_dense']:.3f}x; {total:.0f} s")
+    return row
+
+
+def goals(rows: list[dict[str, Any]]) -> list[str]:
+    r20 = next((r for r in rows if abs(r["ratio"] - 0.2) < 1e-9), None)
+    if r20 is None:
+        return []
+    base, free = r20["baseline"]["x_dense"], r20["stages"]["compensate"]["x_dense"]
+    healed = r20["stages"]["heal"]["x_dense"]
+    lat = r20["latency"]["latency_vs_dense"]
+    return [
+        f"| training-free ppl ratio <= 1/3 of uniform whitened SVD's at 20 % | {free:.3f}x vs {base:.3f}x "
+        f"(= {free / base:.2f} of it; excess over dense {(free - 1) / (base - 1):.2f} of its excess) | "
+        f"{'met' if free <= base / 3 else 'not met'} |",
+        f"| after <= 15 min CPU healing <= 1.5x dense at 20 % | {healed:.3f}x after {r20['heal_minutes']:g} min | "
+        f"{'met' if healed <= 1.5 else 'not met'} |",
+        f"| latency <= 0.9x dense | {lat:.3f}x | {'met' if lat <= 0.9 else 'not met'} |",
+    ]
+
+
+def write(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    from rankwise.io import write_json, write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "pipeline.json", {"meta": meta, "rows": rows})
+    rows = sorted(rows, key=lambda r: r["ratio"])
+    lines = [
+        "# rankwise.pipeline benchmark: `shrink` on SmolLM2-135M",
+        "",
+        f"Machine: {meta['machine']}, {meta['threads']} torch threads, torch {meta['torch']}; shared with other "
+        "jobs while it ran, so wall times are upper bounds. Perplexity on the embedded python-docs test split "
+        f"(first {meta['eval_tokens']} tokens, 512-token windows); decisions on the validation split. "
+        "`ratio` = fraction of the block linears' parameters removed (the whole-model fraction is in the JSON).",
+        "",
+        "## Perplexity after each stage (x dense)",
+        "",
+        "| removed | dense ppl | uniform whitened SVD | compress | + compensation | + healing (min) | chosen | latency vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        st = r["stages"]
+        comp = r["compensation"]
+        lines.append(
+            f"| {r['ratio']:.0%} | {r['dense_ppl']:.3f} | {r['baseline']['perplexity']:.2f} ({r['baseline']['x_dense']:.2f}x) "
+            f"| {st['compress']['test_ppl']:.2f} ({st['compress']['x_dense']:.2f}x) "
+            f"| {st['compensate']['test_ppl']:.2f} ({st['compensate']['x_dense']:.2f}x) "
+            f"| {st['heal']['test_ppl']:.2f} ({st['heal']['x_dense']:.2f}x, {r['heal_minutes']:g}) "
+            f"| {r['method']} + {r['allocation']}; EoRA {'rank ' + str(comp['used_rank']) + ' on ' + str(comp['layers_compensated']) + ' layers' if comp['used_rank'] else 'not used'} "
+            f"| {r['latency']['latency_vs_dense']:.3f} |")
+    lines += ["", "## Wall time per stage (s)", "",
+              "| removed | compress (all candidates) | compensation | healing | export (save, reload, latency) | total |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r["stages"]
+        lines.append(f"| {r['ratio']:.0%} | {st['compress']['seconds']:.0f} | {st['compensate']['seconds']:.0f} "
+                     f"| {st['heal']['seconds']:.0f} | {r['export_seconds']:.0f} | {r['total_seconds']:.0f} |")
+    lines += ["", "## Candidates (held-out perplexity, validation split)", ""]
+    for r in rows:
+        cands = ", ".join(f"{c['method']} + {c['allocation']} {c['heldout_ppl']:.2f}" for c in r["candidates"])
+        lines.append(f"- {r['ratio']:.0%}: {cands}")
+    lines += ["", "## Healing", ""]
+    for r in rows:
+        h = r["healing"]
+        if h.get("steps"):
+            lines.append(f"- {r['ratio']:.0%}: {h['method']}, {h['steps']} steps, {h['tokens']:,} tokens in "
+                         f"{h['seconds'] / 60:.1f} min (budget {r['heal_minutes']:g} min), lr {h['lr']:g}, "
+                         f"{h['trainable']:,} trainable parameters, train loss {h['loss_first']:.3f} -> {h['loss_last']:.3f}")
+    g = goals(rows)
+    if g:
+        lines += ["", "## Goals (issue #9)", "", "| goal | measured | |", "|---|---|---|", *g]
+    lines += ["", "![perplexity vs ratio](pipeline.png)", ""]
+    if meta.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in meta["notes"]], ""]
+    write_text(args.out / "pipeline.md", "\n".join(lines))
+    plot(args.out / "pipeline.png", rows)
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(x, [r["baseline"]["x_dense"] for r in rows], "o--", color="gray", label="uniform whitened SVD")
+    for key, label in (("compress", "compress (best measured)"), ("compensate", "+ EoRA compensation"),
+                       ("heal", "+ healing")):
+        ax.plot(x, [r["stages"][key]["x_dense"] for r in rows], "o-", label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("% of block-linear parameters removed")
+    ax.set_ylabel("test perplexity / dense")
+    ax.set_title("rankwise shrink on SmolLM2-135M")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    args = parse()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("rankwise.pipeline").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.quick:
+        args.eval_tokens = min(args.eval_tokens, 2048)
+    import rankwise
+
+    dense = rankwise.load_model("smollm2-135m")
+    tok = rankwise.load_tokenizer("smollm2-135m")
+    cache: dict[str, Any] = {}  # calibration statistics and SVDs, shared by every ratio
+    meta = {"machine": f"{platform.machine()} CPU ({os.cpu_count()} cores)", "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": sys.version.split()[0], "eval_tokens": args.eval_tokens,
+            "heal_method": args.heal_method, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "notes": []}
+    if args.heal_minutes_other != args.heal_minutes:
+        meta["notes"].append(f"healing budget {args.heal_minutes:g} min at 20 %, {args.heal_minutes_other:g} min at "
+                             "the other ratios (the whole run had to fit the shared machine's time slot)")
+    if tuple(args.compensation_ranks) != (16, 32):
+        meta["notes"].append(f"EoRA ranks tried: {args.compensation_ranks} (library default 16, 32), to save time")
+    meta["command"] = " ".join(sys.argv)
+    rows: list[dict[str, Any]] = []
+    for ratio in args.ratios:
+        rows.append(run_ratio(args, dense, tok, ratio, cache))
+        write(args, meta, rows)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""`shrink`: compress -> compensate -> heal -> export in one call, resumable per stage.
+
+    from rankwise.pipeline import shrink
+    result = shrink("smollm2-135m", ratio=0.2, out="out/smol-20", heal_minutes=15)
+    print(result.summary())
+    model = rankwise.load_model("out/smol-20")      # factorised, reduced, generates
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.pipeline.config import STAGES, ShrinkConfig
+from rankwise.pipeline.state import PipelineInterrupted, PipelineState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ShrinkResult", "shrink"]
+
+REPORT = "report.md"
+RECORD = "pipeline.json"
+
+
+@dataclass
+class ShrinkResult:
+    """The exported directory, every stage's record, and the final model (in memory)."""
+
+    out: Path
+    stages: dict[str, dict[str, Any]]
+    config: dict[str, Any]
+    reused: list[str] = field(default_factory=list)
+    model: nn.Module | None = None
+
+    def summary(self) -> str:
+        from rankwise.pipeline.report import summary_table
+
+        return summary_table(self.stages)
+
+
+def _load(model_or_name: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
+    import rankwise
+
+    if isinstance(model_or_name, nn.Module):
+        name = str(getattr(getattr(model_or_name, "config", None), "_name_or_path", "") or type(model_or_name).__name__)
+        if tokenizer is None:
+            if not getattr(getattr(model_or_name, "config", None), "_name_or_path", ""):
+                raise ValueError("shrink needs a tokenizer for a model object without a name: pass tokenizer=")
+            tokenizer = rankwise.load_tokenizer(name)
+        return model_or_name.eval(), tokenizer, name
+    if not isinstance(model_or_name, str | Path):
+        raise TypeError(f"model_or_name must be a model name, a directory or an nn.Module, got "
+                        f"{type(model_or_name).__name__}")
+    name = str(model_or_name)
+    model = rankwise.load_model(name)
+    return model, tokenizer if tokenizer is not None else rankwise.load_tokenizer(name), name
+
+
+def _load_stage(directory: Path) -> nn.Module:
+    from rankwise.compress import load_compressed
+
+    return load_compressed(directory)
+
+
+def shrink(
+    model_or_name: Any,
+    ratio: float = 0.2,
+    *,
+    out: str | Path,
+    heal_minutes: float = 15.0,
+    heal_method: str = "lowrank",
+    calibration: Any = None,
+    text: Any = None,
+    tokenizer: Any = None,
+    method: str = "auto",
+    allocation: str | None = None,
+    compensation: bool = True,
+    compensation_ranks: Sequence[int] = (16, 32),
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: str | None = None,
+    keep_stages: bool = False,
+    cache: dict[str, Any] | None = None,
+    **options: Any,
+) -> ShrinkResult:
+    """Compress `model_or_name` by `ratio`, compensate, heal, and export it to `out`.
+
+    Args:
+        model_or_name: a bundled name ("smollm2-135m"), a model directory, or a loaded model.
+        ratio: fraction of the targeted layers' parameters to remove, in (0, 1).
+        out: output directory; `rankwise.load_model(out)` reloads the result in one call.
+        heal_minutes: wall-clock budget of the healing fine-tune (0 skips healing).
+        heal_method: "lowrank" (train the factors only, WeLore-style; the measured default),
+            "lora" (LoRA on the factors, merged into them), "distill" (factors trained against the
+            dense model: logit KL + PELA block-feature MSE) or "none".
+        calibration: calibration text source for compression (default: the embedded corpus).
+        text: healing text (default: the embedded python-docs train split); a file, glob or list
+            of documents is cut 90/10 into training and held-out tokens.
+        tokenizer: needed when `model_or_name` is a model object without a name.
+        method, allocation: "auto" measures the candidates in `config.AUTO_CANDIDATES`; or a
+            rankwise.compress method (and allocation) to use as is.
+        compensation: try EoRA inside the budget (kept only where held-out error/perplexity improve).
+        compensation_ranks: EoRA ranks k to try (k of each layer's rank moves to the EoRA path).
+        resume: continue the run in `out` from its last finished stage (settings of finished
+            stages must match; changed later settings rerun only the later stages).
+        progress: one progress bar over the stages.
+        stop_after: raise PipelineInterrupted once this stage is recorded (tests a killed run).
+        keep_stages: keep each stage's model under OUT/.rankwise-pipeline after export.
+        cache: a dict shared by several calls on the same loaded model and data settings (e.g.
+            a sweep over ratios): calibration statistics and held-out Grams are computed once.
+            Not part of any stage's settings.
+        **options: further ShrinkConfig fields (n_samples, seq_len, seed, target_modules,
+            select_tokens, heal_steps, heal_lr, heal_batch_size, heal_seq_len, lora_rank,
+            distill_alpha, eval_tokens, latency).
+
+    Returns:
+        ShrinkResult (records of every stage; `.summary()` is the table the CLI prints).
+    """
+    from tqdm.auto import tqdm
+
+    name_hint = model_or_name if isinstance(model_or_name, str | Path) else None
+    config = ShrinkConfig(model=str(name_hint or ""), ratio=ratio, method=method, allocation=allocation,
+                          calibration=calibration, text=text, compensation=compensation,
+                          compensation_ranks=tuple(compensation_ranks), heal_method=heal_method,
+                          heal_minutes=heal_minutes, **options)
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
+    out = Path(out)
+    t_start = time.perf_counter()
+    dense, tokenizer, name = _load(model_or_name, tokenizer)
+    if not config.model:
+        config.model = name
+    state = PipelineState(out, config, resume=resume)
+    bar = tqdm(total=len(STAGES), disable=not progress, desc="shrink", dynamic_ncols=True,
+               bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed} {postfix}")
+
+    from rankwise.pipeline.stages import RunContext
+
+    def status(msg: str, quiet: bool = False) -> None:
+        bar.set_postfix_str(msg, refresh=True)
+        if not progress and not quiet:
+            logger.info("shrink %s: %s", config.model, msg)
+
+    ctx = RunContext(config, dense, tokenizer, status=status)
+    ctx.use_cache(cache)
+    stages: dict[str, dict[str, Any]] = {}
+    model: nn.Module | None = None
+    try:
+        stages["dense"] = _dense_record(ctx, state)
+        for stage in STAGES:
+            bar.set_description(f"shrink [{stage}]")
+            if state.done(stage):
+                stages[stage] = state.stages[stage]
+                bar.update(1)
+                continue
+            if model is None and stage != "compress":
+                src = state.last_model_stage(stage)
+                if src is None:  # the earlier models were cleaned up: start over
+                    raise _Restart()
+                model = _load_stage(state.model_dir(src))
+            model, record = _run_stage(stage, ctx, model, stages, state, out, t_start)
+            stages[stage] = record
+            bar.update(1)
+            if stop_after == stage:
+                raise PipelineInterrupted(f"stopped after stage {stage!r} (stop_after): rerun with resume=True")
+    except _Restart:
+        bar.close()
+        logger.warning("earlier stage models are gone: recomputing every stage")
+        return shrink(model_or_name if isinstance(model_or_name, nn.Module) else name, ratio, out=out,
+                      heal_minutes=heal_minutes, heal_method=heal_method, calibration=calibration, text=text,
+                      tokenizer=tokenizer, method=method, allocation=allocation, compensation=compensation,
+                      compensation_ranks=compensation_ranks, resume=False, progress=progress,
+                      stop_after=stop_after, keep_stages=keep_stages, cache=cache, **options)
+    finally:
+        bar.close()
+    if not keep_stages:
+        state.clean_models()
+    if model is None:
+        model = _load_stage(out)
+    return ShrinkResult(out, stages, config.to_dict(), list(state.reused), model)
+
+
+class _Restart(Exception):
+    pass
+
+
+def _dense_record(ctx: Any, state: PipelineState) -> dict[str, Any]:
+    """Dense reference numbers (kept in the state so a resumed run does not re-measure them)."""
+    if "dense" in state.extra:
+        return state.extra["dense"]
+    key = f"dense_record:{ctx.config.eval_tokens}"
+    if key in ctx._cache:  # shared cache: measured by an earlier call
+        state.set_extra("dense", ctx._cache[key])
+        return ctx._cache[key]
+    from rankwise.pipeline.measure import heldout_perplexity, test_perplexity
+    from rankwise.pipeline.structure import target_params
+    from rankwise.surgery import count_parameters
+
+    ctx.status("dense perplexity")
+    rec = {"heldout_ppl": heldout_perplexity(ctx.dense, ctx.heldout),
+           "test_ppl": test_perplexity(ctx.dense, ctx.tokenizer, ctx.config.eval_tokens),
+           "params_targets": target_params(ctx.dense, ctx.targets), "ratio_targets": 0.0,
+           "params_model": count_parameters(ctx.dense), "ratio_model": 0.0, "seconds": 0.0}
+    state.set_extra("dense", rec)
+    ctx._cache[key] = rec
+    return rec
+
+
+def _run_stage(stage: str, ctx: Any, model: nn.Module | None, stages: dict[str, Any], state: PipelineState,
+               out: Path, t_start: float) -> tuple[nn.Module, dict[str, Any]]:
+    from rankwise.compress import save_compressed
+    from rankwise.pipeline import stages as st
+
+    if stage == "compress":
+        model, record = st.compress_stage(ctx)
+    elif stage == "compensate":
+        model, record = st.compensate_stage(ctx, model, stages["compress"])
+    elif stage == "heal":
+        model, record = st.heal_stage(ctx, model, stages["compensate"])
+    else:
+        model, record = _export(ctx, model, stages, out, t_start)
+        state.record(stage, record, has_model=False)
+        return model, record
+    if not record.get("changed", True):  # same weights as the previous stage: nothing to save
+        state.record(stage, record, has_model=False)
+        return model, record
+    ctx.status(f"saving {stage}")
+    save_compressed(model, state.model_dir(stage))
+    state.record(stage, record, has_model=True)
+    return model, record
+
+
+def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
+            t_start: float) -> tuple[nn.Module, dict[str, Any]]:
+    """Fold EoRA paths, save model + tokenizer + report, check the reload, time it vs dense."""
+    import rankwise
+    from rankwise.compress import save_compressed
+    from rankwise.io import write_json, write_text
+    from rankwise.pipeline.measure import latency_vs
+    from rankwise.pipeline.report import final_compression_report, render_markdown
+    from rankwise.pipeline.structure import fold_compensation, layer_table
+    from rankwise.surgery import count_parameters
+
+    start = time.perf_counter()
+    record: dict[str, Any] = {"folded": fold_compensation(model)}
+    config = ctx.config.to_dict()
+    report = final_compression_report(model, ctx.targets, stages, config, count_parameters(ctx.dense),
+                                      time.perf_counter() - t_start)
+    ctx.status("export: saving")
+    save_compressed(model, out, tokenizer=ctx.tokenizer, report=report)
+    ctx.status("export: reload check")
+    via = "rankwise.load_model"
+    try:
+        reloaded = rankwise.load_model(out)
+        if not any(type(m).__name__ == "FactorizedLinear" for m in reloaded.modules()):
+            raise ValueError("it returned a model without factorised layers")
+    except (ValueError, OSError, TypeError) as exc:  # rankwise.load_model without compressed-dir support
+        from rankwise.compress import load_compressed
+
+        logger.warning("rankwise.load_model(%s) failed (%s): checked with load_compressed", out, exc)
+        via = f"rankwise.compress.load_compressed (rankwise.load_model failed: {exc})"
+        reloaded = load_compressed(out)
+    ids = ctx.heldout[:64].view(1, -1)
+    with torch.no_grad():
+        diff = (reloaded(ids).logits - model.eval()(ids).logits).abs().max().item()
+    record["reload"] = {"max_abs_diff": diff, "via": via}
+    del reloaded
+    if ctx.config.latency:
+        ctx.status("export: latency vs dense")
+        record["latency"] = latency_vs(model, ctx.dense)
+    record["layers"] = layer_table(model, ctx.targets)
+    record["params_model"] = count_parameters(model)
+    record["seconds"] = time.perf_counter() - start
+    all_stages = dict(stages, export=record)
+    write_text(out / REPORT, render_markdown(all_stages, config))
+    write_json(out / RECORD, {"config": config, "stages": all_stages})
+    return model, record

@@ -1,0 +1,95 @@
+"""Measurements the pipeline decides and reports with: held-out perplexity and latency.
+
+Decisions (method, allocation, compensation, healing) are measured on held-out data that the
+calibration and healing never see: the python-docs validation split, or the last 10 % of the
+user's text. The reported perplexity is on the python-docs test split (`evaluate_split`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["heldout_perplexity", "latency_vs", "split_text", "test_perplexity"]
+
+HELDOUT_FRACTION = 0.1
+
+
+def split_text(tokenizer: Any, text: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token streams.
+
+    `text`: None (the python-docs train/validation splits), an embedded corpus name (its
+    train/validation splits), a list of documents, or any source `rankwise.data.load_texts`
+    reads (file, folder, glob); the last two are cut 90/10 into train and held-out tokens.
+    """
+    from rankwise.data import corpus_names, corpus_splits, load_corpus, load_texts, token_stream
+
+    name = "python-docs" if text is None else text
+    if isinstance(name, str) and name in corpus_names() and "validation" in corpus_splits(name):
+        return (token_stream(load_corpus(name, "train"), tokenizer),
+                token_stream(load_corpus(name, "validation"), tokenizer))
+    if isinstance(text, list | tuple):
+        if not text or not all(isinstance(t, str) for t in text):
+            raise ValueError("text as a list must hold the documents as non-empty strings")
+        docs = list(text)
+    else:
+        docs = load_texts(text, "train")
+    stream = token_stream(docs, tokenizer)
+    cut = int(stream.numel() * (1 - HELDOUT_FRACTION))
+    if cut < 2048 or stream.numel() - cut < 256:
+        raise ValueError(f"the healing text has {stream.numel()} tokens; at least ~3,000 are needed to "
+                         "train and hold out 10 % for measurement: pass a longer text")
+    return stream[:cut], stream[cut:]
+
+
+def _window(model: nn.Module, seq_len: int) -> int:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(seq_len, limit) if isinstance(limit, int) else seq_len
+
+
+@torch.no_grad()
+def heldout_perplexity(model: nn.Module, ids: torch.Tensor, *, seq_len: int = 512) -> float:
+    """Perplexity on a held-out token stream (non-overlapping windows)."""
+    from rankwise.eval import perplexity
+
+    was = model.training
+    model.eval()
+    try:
+        return perplexity(model, None, ids, seq_len=min(_window(model, seq_len), ids.numel() - 1), progress=False)
+    finally:
+        model.train(was)
+
+
+def test_perplexity(model: nn.Module, tokenizer: Any, max_tokens: int) -> float:
+    """Perplexity on the embedded python-docs test split (the reported number)."""
+    from rankwise.eval import evaluate_split
+
+    model.eval()
+    return evaluate_split(model, tokenizer, "python-docs", "test", max_tokens=max_tokens,
+                          seq_len=_window(model, 512), progress=False)["perplexity"]
+
+
+@torch.inference_mode()
+def latency_vs(model: nn.Module, reference: nn.Module, *, tokens: int = 256, repeats: int = 7,
+               vocab: int | None = None) -> dict[str, float]:
+    """Median forward time of `model` and `reference` on one (1, tokens) batch, interleaved so
+    that load from other processes hits both alike; returns ms and the ratio."""
+    vocab = vocab or int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reference.eval()
+    model(ids)
+    reference(ids)  # warm-up
+    mine, ref = [], []
+    for _ in range(repeats):
+        for net, acc in ((reference, ref), (model, mine)):
+            t = time.perf_counter()
+            net(ids)
+            acc.append(time.perf_counter() - t)
+    m, r = statistics.median(mine), statistics.median(ref)
+    return {"latency_ms": 1e3 * m, "dense_ms": 1e3 * r, "latency_vs_dense": m / r, "tokens": tokens,
+            "repeats": repeats}

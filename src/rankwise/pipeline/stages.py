@@ -1,0 +1,318 @@
+"""The four stages of `shrink`: compress, compensate, heal, export.
+
+Each stage takes the run context and the model the previous stage left, and returns the model
+it leaves plus a JSON record (seconds, held-out and test perplexity, parameters, its choices).
+Choices are measured, never assumed: the compression method and allocation, whether EoRA
+compensation is used (per layer, and then as a whole), and whether healing is kept, are all
+decided on held-out data (see rankwise.pipeline.measure).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.pipeline.config import AUTO_CANDIDATES, AUTO_UPDATES, ShrinkConfig
+from rankwise.pipeline.measure import heldout_perplexity, test_perplexity
+from rankwise.pipeline.structure import fold_compensation, layer_table, target_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunContext", "compensate_stage", "compress_stage", "heal_stage"]
+
+
+@dataclass
+class RunContext:
+    """What every stage may need, computed once and only when first asked for."""
+
+    config: ShrinkConfig
+    dense: nn.Module
+    tokenizer: Any
+    status: Callable[..., None] = lambda _msg, quiet=False: None
+    _cache: dict[str, Any] = field(default_factory=dict)
+    shared_cache: bool = False
+
+    @property
+    def targets(self) -> dict[str, tuple[int, int]]:
+        if "targets" not in self._cache:
+            from rankwise.compress import find_targets
+
+            found = find_targets(self.dense, self.config.target_modules)
+            self._cache["targets"] = {f: (m.out_features, m.in_features) for f, m in found.items()}
+        return self._cache["targets"]
+
+    @property
+    def streams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, held-out) token streams (healing text and decision data)."""
+        if "streams" not in self._cache:
+            from rankwise.pipeline.measure import split_text
+
+            self._cache["streams"] = split_text(self.tokenizer, self.config.text)
+        return self._cache["streams"]
+
+    @property
+    def heldout(self) -> torch.Tensor:
+        return self.streams[1][: self.config.select_tokens]
+
+    def calibration(self) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+        """(ids, info, stats): calibration input_ids and their Grams on the dense model."""
+        if "calib" not in self._cache:
+            from rankwise.calibrate import capture_input_stats
+            from rankwise.compress import calibration_ids
+
+            c = self.config
+            self.status("calibration statistics")
+            ids, info = calibration_ids(self.dense, c.calibration, self.tokenizer, n_samples=c.n_samples,
+                                        seq_len=c.seq_len, seed=c.seed)
+            stats = capture_input_stats(self.dense, ids, dict(self._dense_targets()), stats=("gram",),
+                                        share_inputs=True, progress=False)
+            self._cache["calib"] = (ids, info, stats)
+        return self._cache["calib"]
+
+    def heldout_grams(self) -> dict[str, Any]:
+        """Input Grams of the dense model's targets on held-out tokens (per-layer decisions)."""
+        if "heldout_grams" not in self._cache:
+            from rankwise.calibrate import capture_input_stats
+
+            ids = self.heldout[: (self.heldout.numel() // 256) * 256].view(-1, 256)
+            self._cache["heldout_grams"] = capture_input_stats(
+                self.dense, ids, dict(self._dense_targets()), stats=("gram",), share_inputs=True, progress=False)
+        return self._cache["heldout_grams"]
+
+    def use_cache(self, cache: dict[str, Any] | None) -> None:
+        """Share calibration statistics and held-out Grams with other runs on the same dense
+        model and data settings (a benchmark sweeping ratios); reset on a mismatch."""
+        if cache is None:
+            return
+        c = self.config
+        key = repr((id(self.dense), c.model, c.calibration, c.n_samples, c.seq_len, c.seed, c.target_modules,
+                    c.text, c.select_tokens))
+        if cache.get("_key") != key:
+            cache.clear()
+            cache["_key"] = key
+        self._cache = cache
+        self.shared_cache = True
+
+    def fitted_compressor(self, method: str) -> Any:
+        """A compressor of `method` fitted to the calibration statistics (SVDs cached inside)."""
+        from rankwise.compress import build_compressor
+
+        key = f"compressor:{method}"
+        if key not in self._cache:
+            _, _, stats = self.calibration()
+            comp = build_compressor(method)
+            for f in self.targets:
+                comp.observe_stats(f, stats[f])
+            self._cache[key] = comp
+        return self._cache[key]
+
+    def release_compressors(self) -> None:
+        for key in [k for k in self._cache if k.startswith("compressor:")]:
+            del self._cache[key]
+
+    def _dense_targets(self) -> dict[str, nn.Module]:
+        return {f: self.dense.get_submodule(f) for f in self.targets}
+
+    def working_copy(self) -> nn.Module:
+        return copy.deepcopy(self.dense)
+
+    def measure(self, model: nn.Module, record: dict[str, Any], *, test: bool = True) -> dict[str, Any]:
+        """Add held-out / test perplexity and exact parameter counts of `model` to `record`."""
+        from rankwise.surgery import count_parameters
+
+        self.status("held-out perplexity")
+        record["heldout_ppl"] = heldout_perplexity(model, self.heldout)
+        if test:
+            self.status("test perplexity")
+            record["test_ppl"] = test_perplexity(model, self.tokenizer, self.config.eval_tokens)
+        before = target_params(self.dense, self.targets)
+        after = target_params(model, self.targets)
+        total_before, total_after = count_parameters(self.dense), count_parameters(model)
+        record |= {"params_targets_before": before, "params_targets": after,
+                   "ratio_targets": 1 - after / before, "params_model_before": total_before,
+                   "params_model": total_after, "ratio_model": 1 - total_after / total_before}
+        return record
+
+
+# ----------------------------------------------------------------------------- 1. compress
+def _candidates(config: ShrinkConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    if config.method != "auto":
+        from rankwise.compress import get_preset
+
+        return [(config.method, config.allocation or get_preset(config.method).allocation)], []
+    if config.allocation is not None:
+        return [("svd-llm", config.allocation)], list(AUTO_UPDATES)
+    return list(AUTO_CANDIDATES), list(AUTO_UPDATES)
+
+
+def compress_stage(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
+    """Try the candidate (method, allocation) pairs at the target ratio; keep the best on held-out."""
+    from rankwise import surgery
+    from rankwise.compress import compress_
+
+    c = ctx.config
+    start = time.perf_counter()
+    ids, info, stats = ctx.calibration()
+    model = ctx.working_copy()
+    originals = {f: model.get_submodule(f) for f in ctx.targets}
+    tried: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    best_modules: dict[str, nn.Module] = {}
+
+    def attempt(method: str, allocation: str, compressor: Any = None) -> None:
+        nonlocal best, best_modules
+        ctx.status(f"compress: {method} + {allocation}")
+        t = time.perf_counter()
+        kwargs: dict[str, Any] = {"compressor": compressor} if compressor is not None else {"stats": stats}
+        report = compress_(model, method, c.ratio, allocation=allocation, calibration=ids, tokenizer=ctx.tokenizer,
+                           target_modules=list(ctx.targets), progress=False, **kwargs)
+        seconds = time.perf_counter() - t
+        ppl = heldout_perplexity(model, ctx.heldout)
+        row = {"method": method, "allocation": allocation, "heldout_ppl": ppl, "seconds": seconds,
+               "ratio_targets": report.ratio_targets}
+        tried.append(row)
+        logger.info("%s + %s: held-out ppl %.3f", method, allocation, ppl)
+        if best is None or ppl < best["heldout_ppl"]:
+            best, best_modules = row | {"report": report.to_dict()}, {f: model.get_submodule(f) for f in ctx.targets}
+        surgery.restore(model, originals)
+
+    firsts, updates = _candidates(c)
+    for method, allocation in firsts:
+        # one set of SVDs for every allocation (and, with a shared cache, every ratio)
+        attempt(method, allocation, ctx.fitted_compressor(method) if method == "svd-llm" else None)
+    ctx.release_compressors()  # ~2 GB of fp64 SVDs for SmolLM2: refitting takes seconds
+    for method in updates:
+        attempt(method, best["allocation"])
+    for f, m in best_modules.items():
+        surgery.replace_module(model, f, m)
+    record = {"candidates": tried, "method": best["method"], "allocation": best["allocation"],
+              "calibration": info, "report": best["report"]}
+    ctx.measure(model, record)
+    record["layers"] = layer_table(model, ctx.targets)
+    record["seconds"] = time.perf_counter() - start
+    return model, record
+
+
+# ----------------------------------------------------------------------------- 2. compensate
+def _represented_weight(module: nn.Module) -> torch.Tensor:
+    """The dense weight a (compressed) layer computes, fp64."""
+    from rankwise.compress.eora import CompensatedLinear
+
+    if isinstance(module, CompensatedLinear):
+        w = module.base_weight().detach().double() + (module.lora_B.weight.detach().double()
+                                                      @ module.lora_A.weight.detach().double())
+    elif hasattr(module, "delta_weight"):
+        w = module.delta_weight().detach().double()
+    else:
+        w = module.weight.detach().double()
+    return w
+
+
+def heldout_error(module: nn.Module, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """Calibration-weighted error `||(W - W_hat) X||_F^2 = tr(D G D^T)` on held-out inputs."""
+    d = weight.detach().double() - _represented_weight(module)
+    return float(((d @ gram.double()) * d).sum())
+
+
+def compensate_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """EoRA inside the same budget: rank k of each layer's r moves to a compensation path.
+
+    For each k in `compensation_ranks`, the chosen method is rerun with `compensation_rank=k`
+    (identical parameter count per layer); each layer takes the variant with the lower held-out
+    error `tr(D G_heldout D^T)`, and the mixed model is kept only if its held-out perplexity
+    beats the uncompensated one.
+    """
+    from rankwise import surgery
+    from rankwise.compress import compress_
+
+    c = ctx.config
+    start = time.perf_counter()
+    record: dict[str, Any] = {"enabled": c.compensation, "variants": [], "used_rank": 0, "layers_compensated": 0}
+    if not c.compensation:
+        record |= {k: previous[k] for k in previous if k.endswith("_ppl") or k.startswith(("params", "ratio"))}
+        record |= {"changed": False, "seconds": time.perf_counter() - start}
+        return model, record
+    ids, _, stats = ctx.calibration()
+    grams = ctx.heldout_grams()
+    base_ppl = previous["heldout_ppl"]
+    best_ppl, best_variant = base_ppl, None
+    for k in c.compensation_ranks:
+        ctx.status(f"compensate: EoRA rank {k}")
+        variant = ctx.working_copy()
+        compress_(variant, previous["method"], c.ratio, allocation=previous["allocation"], calibration=ids,
+                  tokenizer=ctx.tokenizer, stats=stats, compensation_rank=k, target_modules=list(ctx.targets),
+                  progress=False)
+        chosen = {}
+        for f in ctx.targets:
+            w = ctx.dense.get_submodule(f).weight
+            mine, theirs = model.get_submodule(f), variant.get_submodule(f)
+            if type(theirs).__name__ == "CompensatedLinear" and \
+                    heldout_error(theirs, w, grams[f].gram) < heldout_error(mine, w, grams[f].gram):
+                chosen[f] = theirs
+        row: dict[str, Any] = {"rank": k, "layers": len(chosen), "heldout_ppl": None}
+        if chosen:
+            with surgery.replaced(model, chosen):
+                row["heldout_ppl"] = heldout_perplexity(model, ctx.heldout)
+            if row["heldout_ppl"] < best_ppl:
+                best_ppl, best_variant = row["heldout_ppl"], (k, chosen)
+        record["variants"].append(row)
+        del variant
+    if best_variant is not None:
+        k, chosen = best_variant
+        for f, m in chosen.items():
+            surgery.replace_module(model, f, m)
+        record |= {"used_rank": k, "layers_compensated": len(chosen), "compensated": sorted(chosen)}
+        ctx.measure(model, record)
+    else:
+        record |= {k: previous[k] for k in previous if k.endswith("_ppl") or k.startswith(("params", "ratio"))}
+    record["changed"] = best_variant is not None
+    record["layers"] = layer_table(model, ctx.targets)
+    record["seconds"] = time.perf_counter() - start
+    return model, record
+
+
+# ----------------------------------------------------------------------------- 3. heal
+def heal_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """Fold EoRA paths into the factors, fine-tune within the budget, keep it if held-out improves."""
+    from rankwise.pipeline.healing import heal_
+
+    c = ctx.config
+    start = time.perf_counter()
+    record: dict[str, Any] = {"method": c.heal_method, "folded": fold_compensation(model)}
+    if not c.heals:
+        record |= {k: previous[k] for k in previous if k.endswith("_ppl") or k.startswith(("params", "ratio"))}
+        record |= {"kept": False, "changed": False, "seconds": time.perf_counter() - start}
+        return model, record
+    before = copy.deepcopy(model.state_dict())
+    budget = c.heal_minutes * 60
+
+    def on_step(step: int, seconds: float, loss: float) -> None:
+        left = f"{seconds / 60:.1f}/{c.heal_minutes:g} min" if budget else f"{step}/{c.heal_steps}"
+        ctx.status(f"heal ({c.heal_method}): step {step}, loss {loss:.3f}, {left}", quiet=step % 10 != 0)
+
+    ctx.status(f"heal ({c.heal_method})")
+    result = heal_(model, ctx.streams[0], method=c.heal_method, minutes=c.heal_minutes, max_steps=c.heal_steps,
+                   teacher=ctx.dense if c.heal_method == "distill" else None, lr=c.heal_lr,
+                   batch_size=c.heal_batch_size, seq_len=c.heal_seq_len, lora_rank=c.lora_rank,
+                   distill_alpha=c.distill_alpha, seed=c.seed, on_step=on_step)
+    record["training"] = result.to_dict()
+    ppl = heldout_perplexity(model, ctx.heldout)
+    record["heldout_ppl_trained"] = ppl
+    record["kept"] = ppl < previous["heldout_ppl"]
+    if record["kept"]:
+        ctx.measure(model, record)
+    else:
+        logger.warning("healing raised held-out perplexity (%.3f -> %.3f): keeping the unhealed model",
+                       previous["heldout_ppl"], ppl)
+        model.load_state_dict(before)
+        record |= {k: previous[k] for k in previous if k.endswith("_ppl") or k.startswith(("params", "ratio"))}
+    record["changed"] = record["kept"]
+    record["seconds"] = time.perf_counter() - start
+    return model, record
