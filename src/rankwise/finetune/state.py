@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from rankwise.train.checkpoint import (
     latest_checkpoint,
     set_rng_state,
     unflatten_state,
+    write_checkpoint_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,8 +108,6 @@ def save(
     keep: int = 2,
 ) -> Path:
     """Write ``out/checkpoints/step-{step:06d}`` atomically; keep the newest `keep`."""
-    root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     state = {
         "optimizer": _unwrap(optimizer).state_dict(),
         "scheduler": _unwrap(scheduler).state_dict(),
@@ -121,26 +118,15 @@ def save(
     tree, tensors = flatten_state(state)
     meta = {"format": FORMAT, "version": VERSION, "step": int(step), "method": config.method,
             "config": config.to_dict(), "state": tree}
-    final = root / f"step-{int(step):06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_adapter(model, tmp / "adapter")
         extras = {n: p.detach() for n, p in extra_trainable(model).items()}
         save_tensors(tmp / "trainable.safetensors", extras)
         save_tensors(tmp / "state.safetensors", tensors)
         write_json(tmp / "state.json", meta)  # last: marks the checkpoint complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    for _, old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    logger.info("saved checkpoint %s", final)
-    return final
+
+    return write_checkpoint_dir(out, step, fill, keep=keep)
 
 
 def load_adapters(path: str | os.PathLike[str], model: nn.Module,

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "unflatten_state",
+    "write_checkpoint_dir",
 ]
 
 FORMAT = "rankwise.pretrain-checkpoint"
@@ -190,8 +192,6 @@ def save_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     state = {
         "optimizer": optimizer.state_dict(),
         "schedules": schedules.state_dict() if schedules is not None else None,
@@ -201,12 +201,30 @@ def save_checkpoint(
     tree, tensors = flatten_state(state)
     meta = {"format": FORMAT, "version": VERSION, "method": config.method, "step": int(step),
             "config": config.to_dict(), "state": tree}
-    final = root / f"step-{int(step):06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_tensors(tmp / "model.safetensors", _model_tensors(model))
         save_tensors(tmp / "state.safetensors", tensors)
         write_json(tmp / "state.json", meta)  # written last: marks the checkpoint complete
+
+    return write_checkpoint_dir(out, step, fill, keep=keep)
+
+
+def write_checkpoint_dir(
+    out: str | os.PathLike[str], step: int, fill: Callable[[Path], None], *, keep: int = 2
+) -> Path:
+    """Create `out`/checkpoints/step-{step:06d} atomically and keep the newest `keep`.
+
+    `fill(tmp)` writes the files into a temporary sibling directory (its last file should mark
+    the checkpoint complete); the directory is renamed into place only when `fill` returns, so
+    a crash leaves either the old checkpoints or the new one, never half of it.
+    """
+    root = Path(out) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{int(step):06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        fill(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
