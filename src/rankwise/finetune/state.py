@@ -31,12 +31,13 @@ from torch import nn
 
 from rankwise.adapt import adapter_layers, load_adapter, save_adapter
 from rankwise.finetune.config import FinetuneConfig
-from rankwise.io import load_tensors, read_json, save_tensors, write_json
+from rankwise.io import load_tensors, save_tensors, write_json
 from rankwise.train.checkpoint import (
     checkpoint_dirs,
     flatten_state,
     get_rng_state,
     latest_checkpoint,
+    read_checkpoint_meta,
     set_rng_state,
     unflatten_state,
     write_checkpoint_dir,
@@ -76,13 +77,7 @@ def extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """state.json of a checkpoint (format- and version-checked)."""
-    meta = read_json(Path(path) / "state.json")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a rankwise fine-tuning checkpoint (no {FORMAT} marker)")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path} has checkpoint version {meta.get('version')}; this rankwise "
-                         f"reads {VERSION}: resume with the rankwise that wrote it")
-    return meta
+    return read_checkpoint_meta(path, fmt=FORMAT, version=VERSION, kind="fine-tuning")
 
 
 def check_compatible(meta: dict[str, Any], config: FinetuneConfig, path: Path) -> None:

@@ -153,14 +153,16 @@ def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
-def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """state.json of a checkpoint directory (format-checked)."""
+def read_checkpoint_meta(
+    path: str | os.PathLike[str], *, fmt: str = FORMAT, version: int = VERSION, kind: str = "pretraining"
+) -> dict[str, Any]:
+    """state.json of a checkpoint directory, checked for format `fmt` and `version`."""
     meta = read_json(Path(path) / "state.json")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a rankwise pretraining checkpoint (no {FORMAT} marker)")
-    if meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a rankwise {kind} checkpoint (no {fmt} marker)")
+    if meta.get("version") != version:
         raise ValueError(f"{path} has checkpoint version {meta.get('version')}, this rankwise "
-                         f"reads version {VERSION}: resume with the rankwise that wrote it")
+                         f"reads version {version}: resume with the rankwise that wrote it")
     return meta
 
 
