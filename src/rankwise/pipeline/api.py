@@ -243,7 +243,7 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
     import rankwise
     from rankwise.compress import save_compressed
     from rankwise.io import write_json, write_text
-    from rankwise.pipeline.measure import latency_vs
+    from rankwise.pipeline.measure import decode_latency_vs, latency_vs
     from rankwise.pipeline.report import final_compression_report, render_markdown
     from rankwise.pipeline.structure import fold_compensation, layer_table
     from rankwise.surgery import count_parameters
@@ -275,6 +275,7 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
     if ctx.config.latency:
         ctx.status("export: latency vs dense")
         record["latency"] = latency_vs(model, ctx.dense)
+        record["decode_latency"] = decode_latency_vs(model, ctx.dense)
     record["layers"] = layer_table(model, ctx.targets)
     record["params_model"] = count_parameters(model)
     record["seconds"] = time.perf_counter() - start

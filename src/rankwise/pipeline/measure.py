@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["heldout_perplexity", "latency_vs", "split_text", "test_perplexity"]
+__all__ = ["decode_latency_vs", "heldout_perplexity", "latency_vs", "split_text", "test_perplexity"]
 
 HELDOUT_FRACTION = 0.1
 
@@ -93,3 +93,40 @@ def latency_vs(model: nn.Module, reference: nn.Module, *, tokens: int = 256, rep
     m, r = statistics.median(mine), statistics.median(ref)
     return {"latency_ms": 1e3 * m, "dense_ms": 1e3 * r, "latency_vs_dense": m / r, "tokens": tokens,
             "repeats": repeats}
+
+
+def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per generated token: greedy steps of one token each on the KV cache of `prompt`."""
+    out = model(prompt, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.inference_mode()
+def decode_latency_vs(model: nn.Module, reference: nn.Module, *, prompt_tokens: int = 64, steps: int = 32,
+                      repeats: int = 5, vocab: int | None = None) -> dict[str, float] | None:
+    """Per-token generation time (KV cache, one token a step) of `model` and `reference`,
+    interleaved medians; None for models without a KV cache (not a Hugging Face causal LM).
+
+    Prefill (`latency_vs`) is compute-bound; decoding one token at a time reads every weight once
+    a token, so it shows the bandwidth side of a smaller model.
+    """
+    if not hasattr(model, "generate") or not hasattr(reference, "generate"):
+        return None
+    vocab = vocab or int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reference.eval()
+    _decode_seconds(model, prompt, 2)
+    _decode_seconds(reference, prompt, 2)  # warm-up
+    mine, ref = [], []
+    for _ in range(repeats):
+        ref.append(_decode_seconds(reference, prompt, steps))
+        mine.append(_decode_seconds(model, prompt, steps))
+    m, r = statistics.median(mine), statistics.median(ref)
+    return {"ms_per_token": 1e3 * m, "dense_ms_per_token": 1e3 * r, "latency_vs_dense": m / r,
+            "prompt_tokens": prompt_tokens, "steps": steps, "repeats": repeats}

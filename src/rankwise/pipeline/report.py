@@ -38,6 +38,10 @@ def summary_table(stages: dict[str, dict[str, Any]]) -> str:
         lat = exp["latency"]
         lines.append(f"\nlatency (1 x {lat['tokens']} tokens): {lat['latency_ms']:.0f} ms vs dense "
                      f"{lat['dense_ms']:.0f} ms = {lat['latency_vs_dense']:.3f}x")
+    if exp.get("decode_latency"):
+        dec = exp["decode_latency"]
+        lines.append(f"decode latency (per token, KV cache): {dec['ms_per_token']:.1f} ms vs dense "
+                     f"{dec['dense_ms_per_token']:.1f} ms = {dec['latency_vs_dense']:.3f}x")
     return "\n".join(lines)
 
 
