@@ -197,8 +197,9 @@ def _to(batch: Any, device: torch.device) -> Any:
     )
 
 
-def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Causal-LM loss with labels = input_ids (padding set to -100), read from ``output.loss``."""
+def causal_lm_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Causal-LM loss with labels = input_ids (padding set to -100), read from ``output.loss``;
+    the default `loss_fn` wherever rankwise needs gradients of a calibration batch."""
     if isinstance(batch, Mapping):
         kwargs = dict(batch)
         if "labels" not in kwargs:
@@ -213,7 +214,7 @@ def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if loss is None:
         raise ValueError(
             f"{type(model).__name__} returned no .loss when given labels: pass "
-            "loss_fn=lambda model, batch: <scalar loss> to capture sq_grad"
+            "loss_fn=lambda model, batch: <scalar loss>"
         )
     return loss
 
@@ -338,7 +339,7 @@ def capture_input_stats(
             state["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             state["last"] = None
             if want_grad:
-                loss = (loss_fn or _default_loss)(model, batch)
+                loss = (loss_fn or causal_lm_loss)(model, batch)
                 loss.backward()
                 for name, module in targets.items():
                     g = module.weight.grad

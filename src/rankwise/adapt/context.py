@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rankwise.adapt.geometry import Geometry
+from rankwise.calibrate import causal_lm_loss
 
 
 def layer_seed(seed: int, fqn: str) -> int:
@@ -169,26 +170,6 @@ def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
-
-
-def causal_lm_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Default loss: ``model(..., labels=input_ids).loss`` (padding, if masked, ignored)."""
-    if isinstance(batch, Mapping):
-        kwargs = dict(batch)
-        if "labels" not in kwargs:
-            labels = kwargs["input_ids"].clone()
-            if "attention_mask" in kwargs:
-                labels[kwargs["attention_mask"] == 0] = -100
-            kwargs["labels"] = labels
-        out = model(**kwargs)
-    else:
-        out = model(batch, labels=batch)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(
-            f"{type(model).__name__} returned no .loss: pass loss_fn=lambda model, batch: <loss>"
-        )
-    return loss
 
 
 def weight_gradients(

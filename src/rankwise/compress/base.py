@@ -119,6 +119,29 @@ class Compressor(Protocol):
         """The rank-`rank` replacement of `module`."""
 
 
+class ObservedStats:
+    """Mixin for compressors whose solve reads per-layer input statistics and caches a
+    factorisation per layer: observing new inputs for a layer drops that layer's cache."""
+
+    stats_: dict[str, InputStats]
+    _cache: dict[str, Any]
+
+    def observe(self, fqn: str, module: nn.Module, x: torch.Tensor) -> None:
+        self.stats_.setdefault(fqn, InputStats()).update(x)
+        self._cache.pop(fqn, None)
+
+    def observe_stats(self, fqn: str, stats: Any) -> None:
+        self.stats_[fqn] = as_input_stats(stats)
+        self._cache.pop(fqn, None)
+
+    def forget(self, fqn: str | None = None) -> None:
+        """Drop cached factorisations (of one layer, or all) to free memory."""
+        if fqn is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(fqn, None)
+
+
 # ----------------------------------------------------------------------------- accounting
 def check_ratio(ratio: float) -> float:
     """Validate a fraction of parameters removed: 0 <= ratio < 1."""

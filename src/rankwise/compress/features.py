@@ -20,12 +20,10 @@ The bias is always stored (m extra parameters when the layer had none), and coun
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from rankwise.compress.base import InputStats, as_input_stats
+from rankwise.compress.base import InputStats, ObservedStats
 from rankwise.layers.factorized import FactorizedLinear
 
 __all__ = ["FeatureCompressor", "output_pca"]
@@ -59,7 +57,7 @@ def output_pca(
     return evals.flip(0).clamp_min(0), evecs.flip(1), mu_y
 
 
-class FeatureCompressor:
+class FeatureCompressor(ObservedStats):
     """Compressor (rankwise.compress.base protocol) for AFM output-feature PCA.
 
     `spectrum` returns `sqrt(N * lambda_i(C_y))`, so its squares are the discarded calibration
@@ -74,20 +72,6 @@ class FeatureCompressor:
         self.center = center
         self.stats_: dict[str, InputStats] = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def observe(self, fqn: str, module: nn.Module, x: torch.Tensor) -> None:
-        self.stats_.setdefault(fqn, InputStats()).update(x)
-        self._cache.pop(fqn, None)
-
-    def observe_stats(self, fqn: str, stats: Any) -> None:
-        self.stats_[fqn] = as_input_stats(stats)
-        self._cache.pop(fqn, None)
-
-    def forget(self, fqn: str | None = None) -> None:
-        if fqn is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(fqn, None)
 
     def _pca(self, fqn: str, module: nn.Module):
         if fqn not in self._cache:

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.compress.base import InputStats, as_input_stats
+from rankwise.compress.base import InputStats, ObservedStats
 from rankwise.layers.factorized import FactorizedLinear
 
 logger = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ def whitened_factors(weight: torch.Tensor, rank: int, whitening: Whitening) -> t
     return whitening.unwhiten(U[:, :rank], S[:rank], Vh[:rank])
 
 
-class WhitenedSVD:
+class WhitenedSVD(ObservedStats):
     """Compressor (see rankwise.compress.base) for the five whiteners of this module.
 
     One thin SVD of the whitened weight per layer is cached (fp32; fp64 if the weight is), so
@@ -225,21 +224,11 @@ class WhitenedSVD:
     def needs(self) -> tuple[str, ...]:
         return self.config.needs
 
-    def observe(self, fqn: str, module: nn.Module, x: torch.Tensor) -> None:
-        self.stats_.setdefault(fqn, InputStats()).update(x)
-        self._cache.pop(fqn, None)
-
-    def observe_stats(self, fqn: str, stats: Any) -> None:
-        self.stats_[fqn] = as_input_stats(stats)
-        self._cache.pop(fqn, None)
-
     def forget(self, fqn: str | None = None) -> None:
         """Drop cached SVDs (of one layer, or all) to free memory."""
+        super().forget(fqn)
         if fqn is None:
-            self._cache.clear()
             self._shared.clear()
-        else:
-            self._cache.pop(fqn, None)
 
     def _svd(self, fqn: str, module: nn.Module):
         if fqn in self._cache:
