@@ -18,6 +18,14 @@ from typing import Any
 import torch
 
 
+def default_mode(*, directory: bool = False) -> int:
+    """The permissions a plain open() / mkdir() would give under the current umask (tempfile's
+    mkstemp and mkdtemp make private 0600 / 0700 entries, wrong for a saved model)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` atomically."""
@@ -26,12 +34,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        # mkstemp (and safetensors' writer, which replaces the file) create 0600 files: give the
+        # result the permissions a plain open() would, after the writer is done with it.
+        os.chmod(tmp_path, default_mode())
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)

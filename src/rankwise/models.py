@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rankwise.io import default_mode
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -429,7 +431,7 @@ def _convert_gguf(source: Path, gguf: str, target: Path) -> None:
     # Build beside the target, then one rename: the cache dir is complete or absent.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        tmp.chmod(default_mode(directory=True))  # mkdtemp makes it private; the cache is an ordinary folder
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         os.replace(tmp, target)

@@ -110,6 +110,25 @@ def test_checkpoint_holds_optimizer_state_and_rng(data, tmp_path):
     assert meta["state"]["extra"]["data"] == {"rows": data.train.shape[0], "samples": 12}
 
 
+def test_checkpoint_files_get_umask_permissions_not_tempfiles_private_ones(data, tmp_path):
+    """mkdtemp (0700), mkstemp and safetensors' writer (0600) make private entries; a saved
+    checkpoint must look like any folder the user made (0755 / 0644 under umask 022)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        pretrain(config("galore", tmp_path, stop_after=2, save_every=2), data=data)
+    finally:
+        os.umask(old)
+    path = latest_checkpoint(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    files = list(path.iterdir())
+    assert any(f.suffix == ".safetensors" for f in files)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_resume_refuses_another_method(data, tmp_path):
     pretrain(config("sltrain", tmp_path, stop_after=2), data=data)

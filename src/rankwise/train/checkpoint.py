@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.io import load_tensors, read_json, save_tensors, write_json
+from rankwise.io import default_mode, load_tensors, read_json, save_tensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ def write_checkpoint_dir(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{int(step):06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp.chmod(default_mode(directory=True))
     try:
         fill(tmp)
         if final.exists():
@@ -331,6 +332,7 @@ def export_dense(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=directory.parent))
+    tmp.chmod(default_mode(directory=True))
     try:
         model.save_pretrained(tmp)
         if vocab_map is not None:
