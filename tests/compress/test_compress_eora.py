@@ -79,3 +79,22 @@ def test_compensated_layer_forward_and_compensate():
     comp = compensate(dense, base, X.T @ X, 12)  # full rank: exact
     assert isinstance(comp, CompensatedLinear) and comp.rank == 12
     torch.testing.assert_close(comp(X), dense(X), rtol=1e-7, atol=1e-7)
+
+
+def test_eora_on_a_whitened_svd_residual_equals_whitened_svd_at_the_summed_rank():
+    """Why the shrink pipeline never keeps EoRA after SVD-LLM at a fixed budget: a rank-(r-k)
+    whitened SVD (Cholesky whitening, SVD-LLM) plus rank-k EoRA on its error (eigen whitening of
+    the same Gram) is the rank-r whitened SVD itself, with the same r (m + n) parameters: both
+    stages are Eckart-Young in the same norm ||(W - W') X||_F."""
+    from rankwise.compress.base import InputStats
+    from rankwise.compress.svd import SVDConfig, build_whitening, whitened_factors
+
+    W, X = _problem()
+    gram = X.T @ X
+    chol = build_whitening(SVDConfig(whitener="cholesky"), InputStats(gram=gram, n_tokens=X.shape[0]), W)
+    r, k = 10, 4
+    B1, A1 = whitened_factors(W, r - k, chol)
+    B2, A2 = eora_factors(W - B1 @ A1, gram, k)
+    Br, Ar = whitened_factors(W, r, chol)
+    torch.testing.assert_close(B1 @ A1 + B2 @ A2, Br @ Ar, rtol=1e-7, atol=1e-8)
+    assert (B1.shape[1] + B2.shape[1]) * sum(W.shape) == Br.shape[1] * sum(W.shape)
