@@ -263,7 +263,7 @@ def main() -> int:
             "notes": []}
     if args.heal_minutes_other != args.heal_minutes:
         meta["notes"].append(f"healing budget {args.heal_minutes:g} min at 20 %, {args.heal_minutes_other:g} min at "
-                             "the other ratios (the whole run had to fit the shared machine's time slot)")
+                             "the other ratios (to keep the whole run near an hour)")
     if tuple(args.compensation_ranks) != (16, 32):
         meta["notes"].append(f"EoRA ranks tried: {args.compensation_ranks} (library default 16, 32), to save time")
     meta["command"] = " ".join(sys.argv)
