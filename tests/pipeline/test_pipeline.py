@@ -38,10 +38,11 @@ def test_every_stage_keeps_its_contract(run, fast):
     assert s["export"]["reload"]["max_abs_diff"] == 0.0
     assert s["export"]["reload"]["via"] == "rankwise.load_model"
     assert s["export"]["latency"]["latency_vs_dense"] > 0
+    assert s["export"]["first_token_latency"]["tokens"] == s["export"]["latency"]["tokens"]
     dec = s["export"]["decode_latency"]
     assert dec["latency_vs_dense"] == pytest.approx(dec["ms_per_token"] / dec["dense_ms_per_token"])
     report = (result.out / "report.md").read_text()
-    for needle in ("held-out ppl", "test ppl", "latency", "decode latency", "Per-layer ranks", "model.layers.1.mlp.down_proj"):
+    for needle in ("held-out ppl", "test ppl", "latency", "decode latency", "time to first token", "Per-layer ranks", "model.layers.1.mlp.down_proj"):
         assert needle in report
     assert json.loads((result.out / "pipeline.json").read_text())["stages"]["compress"]["method"] == comp["method"]
 

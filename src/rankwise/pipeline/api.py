@@ -275,6 +275,7 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
     if ctx.config.latency:
         ctx.status("export: latency vs dense")
         record["latency"] = latency_vs(model, ctx.dense)
+        record["first_token_latency"] = latency_vs(model, ctx.dense, first_token=True)
         record["decode_latency"] = decode_latency_vs(model, ctx.dense)
     record["layers"] = layer_table(model, ctx.targets)
     record["params_model"] = count_parameters(model)

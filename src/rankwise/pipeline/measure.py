@@ -73,22 +73,42 @@ def test_perplexity(model: nn.Module, tokenizer: Any, max_tokens: int) -> float:
                           seq_len=_window(model, 512), progress=False)["perplexity"]
 
 
+def _first_token_kwargs(model: nn.Module) -> dict[str, Any] | None:
+    """The forward arguments of `generate`'s prefill (KV cache, last position's logits only), or
+    None when the model's forward has no `logits_to_keep`."""
+    import inspect
+
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    return {"use_cache": True, "logits_to_keep": 1}
+
+
 @torch.inference_mode()
 def latency_vs(model: nn.Module, reference: nn.Module, *, tokens: int = 256, repeats: int = 7,
-               vocab: int | None = None) -> dict[str, float]:
+               vocab: int | None = None, first_token: bool = False) -> dict[str, float] | None:
     """Median forward time of `model` and `reference` on one (1, tokens) batch, interleaved so
-    that load from other processes hits both alike; returns ms and the ratio."""
+    that load from other processes hits both alike; returns ms and the ratio.
+
+    `first_token=True` times what `generate` does before its first token instead (time to first
+    token): the same forward with a KV cache and only the last position's logits, so the output
+    head costs one row, not `tokens`; None for models without `logits_to_keep`.
+    """
+    kwargs: dict[str, Any] | None = {}
+    if first_token:
+        kwargs = _first_token_kwargs(model)
+        if kwargs is None or _first_token_kwargs(reference) is None:
+            return None
     vocab = vocab or int(getattr(getattr(model, "config", None), "vocab_size", 1000))
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     model.eval()
     reference.eval()
-    model(ids)
-    reference(ids)  # warm-up
+    model(ids, **kwargs)
+    reference(ids, **kwargs)  # warm-up
     mine, ref = [], []
     for _ in range(repeats):
         for net, acc in ((reference, ref), (model, mine)):
             t = time.perf_counter()
-            net(ids)
+            net(ids, **kwargs)
             acc.append(time.perf_counter() - t)
     m, r = statistics.median(mine), statistics.median(ref)
     return {"latency_ms": 1e3 * m, "dense_ms": 1e3 * r, "latency_vs_dense": m / r, "tokens": tokens,

@@ -36,8 +36,12 @@ def summary_table(stages: dict[str, dict[str, Any]]) -> str:
     exp = stages.get("export", {})
     if exp.get("latency"):
         lat = exp["latency"]
-        lines.append(f"\nlatency (1 x {lat['tokens']} tokens): {lat['latency_ms']:.0f} ms vs dense "
+        lines.append(f"\nprefill latency (1 x {lat['tokens']} tokens, all logits): {lat['latency_ms']:.0f} ms vs dense "
                      f"{lat['dense_ms']:.0f} ms = {lat['latency_vs_dense']:.3f}x")
+    if exp.get("first_token_latency"):
+        ttft = exp["first_token_latency"]
+        lines.append(f"time to first token (1 x {ttft['tokens']} prompt, last logits only): {ttft['latency_ms']:.0f} ms "
+                     f"vs dense {ttft['dense_ms']:.0f} ms = {ttft['latency_vs_dense']:.3f}x")
     if exp.get("decode_latency"):
         dec = exp["decode_latency"]
         lines.append(f"decode latency (per token, KV cache): {dec['ms_per_token']:.1f} ms vs dense "
