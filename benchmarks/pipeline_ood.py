@@ -5,7 +5,8 @@ python-docs.
 The compression is calibrated, and the healing trained, on python-docs; the issue's reference
 numbers (uniform whitened SVD ~12x dense at 20 %) are on held-out English text. This script
 rebuilds the training-free models of the pipeline benchmark (uniform whitened SVD, and the
-pipeline's svd-llm-update + welore without healing, same calibration), loads the healed models
+method + allocation the pipeline chose at that ratio, without compensation or healing, on the
+same calibration), loads the healed models
 the benchmark exported, and scores all of them on both domains.
 
     python benchmarks/pipeline_ood.py --work /tmp/rankwise-pipeline-bench --ratios 0.1 0.2 0.3
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import sys
@@ -34,6 +36,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--work", type=Path, default=Path("/tmp/rankwise-pipeline-bench"),
                    help="benchmarks/pipeline.py's --work: the healed models are read from WORK/r20 etc.")
+    p.add_argument("--pipeline-json", type=Path, default=RESULTS / "pipeline.json",
+                   help="the pipeline benchmark's results: the method and allocation it chose at each ratio")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -80,11 +84,14 @@ def main() -> int:
     ids, _ = calibration_ids(dense, None, tok, n_samples=32, seq_len=256)  # the pipeline's default
     ref = scores(dense, tok, ood, args.eval_tokens)
     log(f"dense {ref}")
+    chosen = {round(r["ratio"], 6): (r["method"], r["allocation"])
+              for r in json.loads(args.pipeline_json.read_text())["rows"]}
     rows = []
     for ratio in args.ratios:
         row: dict[str, Any] = {"ratio": ratio}
+        best = chosen.get(round(ratio, 6), ("svd-llm-update", "welore"))
         for key, method, allocation in (("uniform whitened SVD", "svd-llm", "uniform"),
-                                        ("compress (svd-llm-update + welore)", "svd-llm-update", "welore")):
+                                        (f"compress ({best[0]} + {best[1]})", *best)):
             model = training_free(dense, tok, ratio, method, allocation, ids)
             row[key] = scores(model, tok, ood, args.eval_tokens)
             del model
