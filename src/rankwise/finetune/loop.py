@@ -148,20 +148,6 @@ def _export(model: nn.Module, out: Path) -> None:
         adapt.save_adapter(model, out / "adapter")
 
 
-def _refuse_existing(out: Path | None, resume: bool) -> Path | None:
-    if out is None:
-        if resume:
-            raise ValueError("--resume needs --out, the directory holding the checkpoints")
-        return None
-    found = ckpt.latest_checkpoint(out)
-    if resume and found is None:
-        raise ValueError(f"no checkpoint in {out} to resume from: run without --resume")
-    if not resume and found is not None:
-        raise ValueError(f"{out} already holds a checkpoint ({found.name}): add --resume to "
-                         "continue it, or choose a new --out directory")
-    return found
-
-
 def _adapt(config: FinetuneConfig, model: nn.Module, data: TaskData) -> None:
     from rankwise import adapt
 
@@ -203,7 +189,7 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
     from rankwise.io import write_json
 
     out = Path(config.out) if config.out is not None else None
-    found = _refuse_existing(out, resume)
+    found = ckpt.checkpoint_to_resume(out, resume, resume_flag="--resume", out_flag="--out")
     if found is not None:
         ckpt.check_compatible(ckpt.read_meta(found), config, found)
     seq_len, batch_size = config.resolved_seq_len, config.resolved_batch_size

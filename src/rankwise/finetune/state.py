@@ -34,6 +34,7 @@ from rankwise.finetune.config import FinetuneConfig
 from rankwise.io import load_tensors, save_tensors, write_json
 from rankwise.train.checkpoint import (
     checkpoint_dirs,
+    checkpoint_to_resume,
     flatten_state,
     get_rng_state,
     latest_checkpoint,
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMAT",
     "checkpoint_dirs",
+    "checkpoint_to_resume",
     "extra_trainable",
     "latest_checkpoint",
     "load_into",

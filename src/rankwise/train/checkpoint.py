@@ -46,6 +46,7 @@ __all__ = [
     "export_dense",
     "flatten_state",
     "get_rng_state",
+    "checkpoint_to_resume",
     "latest_checkpoint",
     "load_checkpoint",
     "read_checkpoint_meta",
@@ -151,6 +152,24 @@ def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint directory under `out`, or None."""
     found = checkpoint_dirs(out)
     return found[-1][1] if found else None
+
+
+def checkpoint_to_resume(out: str | os.PathLike[str] | None, resume: bool, *, resume_flag: str = "resume",
+                         out_flag: str = "out") -> Path | None:
+    """The checkpoint a run resumes from (None for a fresh run), refusing the two mistakes that
+    would lose work: resuming with nothing to resume, and a fresh run over existing checkpoints.
+    `resume_flag` / `out_flag` name the options in the messages (CLI or Python spelling)."""
+    if out is None:
+        if resume:
+            raise ValueError(f"{resume_flag} needs {out_flag}, the directory holding the checkpoints")
+        return None
+    found = latest_checkpoint(out)
+    if resume and found is None:
+        raise ValueError(f"no checkpoint in {out} to resume from: run without {resume_flag}")
+    if not resume and found is not None:
+        raise ValueError(f"{out} already holds a checkpoint ({found.name}): add {resume_flag} to "
+                         f"continue it, or choose a new {out_flag} directory")
+    return found
 
 
 def read_checkpoint_meta(

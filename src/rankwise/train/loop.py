@@ -314,18 +314,6 @@ def _train_step(model, x, optimizer, schedules, params, config) -> float:
     return float(loss.detach())
 
 
-def _refuse_existing(out: Path, resume: bool) -> Path | None:
-    from rankwise.train.checkpoint import latest_checkpoint
-
-    found = latest_checkpoint(out)
-    if resume and found is None:
-        raise ValueError(f"no checkpoint in {out} to resume from: run without resume")
-    if not resume and found is not None:
-        raise ValueError(f"{out} already holds a checkpoint ({found.name}): resume it, or "
-                         "choose a new output directory")
-    return found
-
-
 def pretrain(
     config: PretrainConfig,
     *,
@@ -359,9 +347,7 @@ def _run(
     from rankwise.train import checkpoint as ckpt
 
     out = Path(config.out) if config.out is not None else None
-    if resume and out is None:
-        raise ValueError("resume needs config.out, the directory holding the checkpoints")
-    found = _refuse_existing(out, resume) if out is not None else None
+    found = ckpt.checkpoint_to_resume(out, resume, out_flag="config.out")
     if found is not None:
         ckpt.check_compatible(ckpt.read_checkpoint_meta(found), config, found)
     if data is None:
