@@ -94,9 +94,9 @@ def test_n_steps_resume_m_steps_equals_uninterrupted(method, data, tmp_path):
         assert ta.keys() == tb.keys()
         for key in ta:
             assert torch.equal(ta[key], tb[key]), key
-    # no pickles anywhere: safetensors and JSON only
-    assert {p.suffix for p in (tmp_path / "b").rglob("*") if p.is_file()} == {".json",
-                                                                              ".safetensors"}
+    # no pickles anywhere: safetensors and JSON only (plus the loss-curve picture)
+    assert {p.suffix for p in (tmp_path / "b").rglob("*") if p.is_file()} == {
+        ".json", ".safetensors", ".png"}
 
 
 def test_checkpoint_holds_optimizer_state_and_rng(data, tmp_path):

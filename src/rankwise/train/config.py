@@ -25,21 +25,26 @@ store the config and a resumed run can compare it field by field.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from rankwise.config import Config, option
+
 __all__ = [
-    "METHODS",
+    "OPTIMIZER_METHODS",
     "RUN_CONTROL_FIELDS",
     "PretrainConfig",
+    "methods",
 ]
 
-METHODS: tuple[str, ...] = (
-    "full", "lora", "relora", "galore", "fira", "sltrain", "lost", "sst", "maestro", "trp",
-)
+#: methods that keep dense weights and change the optimizer: name -> rankwise.optim preset
+#: (registry("optimizer")); "full" is torch AdamW and "lora" the adapter of registry("adapter").
+OPTIMIZER_METHODS: dict[str, str] = {"galore": "galore_adamw", "fira": "fira"}
+_NON_LAYER = ("full", "lora", *OPTIMIZER_METHODS)
+#: layer parameterisations that are formats of a compressed model, not training methods
+_NOT_TRAINED_FROM_SCRATCH = frozenset({"factorized", "monarch"})
 _RANKED = {"lora", "relora", "galore", "fira", "sltrain", "lost", "sst", "maestro"}
 _DENSITY = {"sltrain": "weight entries S may hold", "lost": "channels kept in the sparse part"}
 _PERIOD_CAP = {"relora": 500, "galore": 200, "fira": 200, "sst": 100, "maestro": None, "trp": None}
@@ -49,8 +54,32 @@ _OPTION_BAGS = ("layer_options", "schedule_options", "optimizer_options")
 # change them (every other field must equal the checkpoint's).
 RUN_CONTROL_FIELDS = frozenset(
     {"out", "save_every", "keep_checkpoints", "stop_after", "eval_every", "eval_tokens",
-     "progress", "export"}
+     "progress", "export", "log_dir", "fsdp"}
 )
+
+
+def _layer_names() -> list[str]:
+    """The layer methods of rankwise.layers (its registry, or its name table until it has one)."""
+    from rankwise.registry import registry
+
+    names = registry("layer").names()
+    if not names:
+        from rankwise import layers
+
+        names = sorted(layers.LAYER_METHODS)
+    return [n for n in names if n not in _NOT_TRAINED_FROM_SCRATCH]
+
+
+def methods() -> tuple[str, ...]:
+    """Every pretraining method: full, lora, the optimizer methods, then every layer method of
+    rankwise.layers (a new layer method registered there is a pretraining method too)."""
+    return (*_NON_LAYER, *_layer_names())
+
+
+def __getattr__(name: str) -> Any:  # METHODS is computed on first use (the layer registry)
+    if name == "METHODS":
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -69,80 +98,73 @@ def _finite(name: str, value: Any, *, low: float | None = None, strict: bool = F
 
 
 @dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
+class PretrainConfig(Config):
     """One pretraining run (see the module table for the method column).
 
-    Model and data:
-        method: one of METHODS.
-        size: a preset of rankwise.train.llama ("llama-10m", "llama-25m").
-        model_overrides: LlamaConfig fields over the preset (e.g. hidden_size=32 in tests).
-        tokenizer: name or path for rankwise.models.load_tokenizer (SmolLM2's by default).
-        corpus: embedded corpus (train split for training, validation split for perplexity).
-        vocab_limit: keep only the (vocab_limit - 1) most frequent train tokens, every other
-            token becomes one shared id (None: the tokenizer's full vocabulary). The 49152-token
-            embedding dominates a 10M model's compute; CPU benchmarks shrink it this way.
-    Schedule:
-        steps: optimizer updates; tokens = steps * batch_size * seq_len.
-        seq_len, batch_size: tokens per row, rows per step.
-        lr: peak LR (None: the method's default, module docstring).
-        warmup_steps: linear warmup (None: 10 % of steps); then cosine to min_lr_ratio * lr.
-        weight_decay, betas, grad_clip: AdamW / clipping settings (grad_clip 0 disables).
-    Method:
-        rank: r (None: hidden / 4; Maestro: full width). Must fit every target layer.
-        density: SLTrain's fraction of entries / LOST's fraction of channels, in (0, 1)
-            (None: the layer's default, 0.03 / 0.05).
-        alpha: LoRA/ReLoRA/SLTrain scale numerator (None: 32).
-        period: steps between the method's periodic actions (table; None: default).
-        layer_options, schedule_options, optimizer_options: extra keyword arguments for the
-            layer (convert_/adapt_), its LayerSchedule and rankwise.optim.create.
-    Run control (may change on resume, RUN_CONTROL_FIELDS):
-        out: directory for checkpoints, result.json and the exported model (None: no files).
-        save_every: checkpoint period in steps (None: only at the end).
-        keep_checkpoints: how many recent checkpoints stay on disk.
-        stop_after: stop after this step as if interrupted (resume continues).
-        eval_every: validation-perplexity period (None: steps / 10).
-        eval_tokens: validation tokens scored (a fixed prefix of the split).
-        progress: tqdm bar.
-        export: write the trained model as a dense Hugging Face model to out/final.
-        seed: model init, method init, data order.
+    Every field below carries its help text (`option`); `rankwise pretrain`'s flags and their
+    defaults are generated from them (`rankwise.config.add_arguments`). Run-control fields
+    (RUN_CONTROL_FIELDS) steer only how a run is watched and stored, and may change on resume.
     """
 
-    method: str
-    size: str = "llama-10m"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str = "smollm2-135m"
-    corpus: str = "python-docs"
-    vocab_limit: int | None = None
-    steps: int = 1000
-    seq_len: int = 256
-    batch_size: int = 8
-    lr: float | None = None
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    rank: int | None = None
-    density: float | None = None
-    alpha: float | None = None
-    period: int | None = None
-    layer_options: dict[str, Any] = field(default_factory=dict)
-    schedule_options: dict[str, Any] = field(default_factory=dict)
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    out: str | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    stop_after: int | None = None
-    eval_every: int | None = None
-    eval_tokens: int = 16_384
-    progress: bool = True
-    export: bool = True
+    # model and data
+    method: str = option(help="training method (module table; rankwise.train.config.methods())")
+    size: str = option("llama-10m", "model preset of rankwise.train.llama")
+    model_overrides: dict[str, Any] = option(
+        help="LlamaConfig fields over the preset (e.g. hidden_size=32 in tests)", cli=False,
+        default_factory=dict)
+    tokenizer: str = option("smollm2-135m", "tokenizer name or directory")
+    corpus: str = option("python-docs", "embedded corpus (train split trains, validation scores)")
+    vocab_limit: int | None = option(
+        None, "keep only the N-1 most frequent train tokens (others share one id); the "
+        "49152-token embedding dominates a 10M model's compute")
+    # schedule
+    steps: int = option(1000, "optimizer updates; tokens = steps x batch_size x seq_len")
+    seq_len: int = option(256, "tokens per row")
+    batch_size: int = option(8, "rows per update (the global batch, split over processes)")
+    lr: float | None = option(None, "peak learning rate (None: 3e-3; GaLore/Fira 1e-2)")
+    warmup_steps: int | None = option(None, "linear warmup steps (None: 10%% of steps)")
+    min_lr_ratio: float = option(0.1, "the cosine decays to min_lr_ratio x lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    grad_clip: float = option(1.0, "gradient-norm clipping (0 disables)")
+    # method
+    rank: int | None = option(None, "rank r (None: hidden / 4; Maestro: full width)")
+    density: float | None = option(
+        None, "sparsity level in (0, 1): SLTrain's fraction of entries (0.03), LOST's fraction "
+        "of channels (0.05)")
+    alpha: float | None = option(None, "LoRA/ReLoRA/SLTrain alpha (None: 32)")
+    period: int | None = option(
+        None, "steps between the method's periodic actions (ReLoRA restarts, GaLore refreshes, "
+        "SST resampling, TRP projections, Maestro shrinking)")
+    layer_options: dict[str, Any] = option(
+        help="extra keyword arguments for the layer (convert_/adapt_)", cli=False,
+        default_factory=dict)
+    schedule_options: dict[str, Any] = option(
+        help="extra keyword arguments for the layer's schedule", cli=False, default_factory=dict)
+    optimizer_options: dict[str, Any] = option(
+        help="extra keyword arguments for the optimizer", cli=False, default_factory=dict)
+    fsdp: bool = option(
+        False, "shard parameters, gradients and optimizer state over the processes with FSDP2 "
+        "(full, galore, fira; under torchrun)")
+    seed: int = option(0, "model init, method init, data order")
+    # run control
+    out: str | None = option(None, "output directory (checkpoints, result.json, final model)")
+    save_every: int | None = option(None, "checkpoint period in steps (None: only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints stay on disk")
+    stop_after: int | None = option(
+        None, "stop after this step as if interrupted (continue with --resume)")
+    eval_every: int | None = option(None, "validation-perplexity period (None: steps / 10)")
+    eval_tokens: int = option(16_384, "validation tokens scored (a fixed prefix of the split)")
+    log_dir: str | None = option(
+        None, "TensorBoard directory (loss, lr, tokens/s, validation perplexity)")
+    progress: bool = option(True, "show a progress bar")
+    export: bool = option(True, "write the trained model as a dense HF model to OUT/final")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        if not isinstance(self.method, str) or self.method.lower() not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        names = methods()
+        if not isinstance(self.method, str) or self.method.lower() not in names:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(names)}")
         set_(self, "method", self.method.lower())
         for name in ("model_overrides", *_OPTION_BAGS):
             value = getattr(self, name)
@@ -150,8 +172,13 @@ class PretrainConfig:
                 raise TypeError(f"{name} must be a dict with str keys, got {value!r}")
             set_(self, name, dict(value))
         set_(self, "betas", tuple(float(b) for b in self.betas))
-        if self.out is not None:
-            set_(self, "out", str(self.out))
+        for name in ("out", "log_dir"):
+            if getattr(self, name) is not None:
+                set_(self, name, str(getattr(self, name)))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
         self._check_numbers()
         self._check_method()
 
@@ -292,24 +319,13 @@ class PretrainConfig:
         return self.steps * self.batch_size * self.seq_len
 
     # ------------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown PretrainConfig fields {unknown}: known are {sorted(names)}")
-        kw = dict(data)
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
-
-    def replace(self, **changes: Any) -> PretrainConfig:
-        return dataclasses.replace(self, **changes)
+    def from_dict(cls, data: Any) -> PretrainConfig:
+        """Build from saved values; unknown keys raise ValueError naming the known ones."""
+        try:
+            return super().from_dict(data)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
     def differences(self, other: PretrainConfig) -> dict[str, tuple[Any, Any]]:
         """{field: (self's, other's)} of the trajectory fields that differ (not run control)."""

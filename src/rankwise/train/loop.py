@@ -8,49 +8,53 @@ One step (the protocol of rankwise.layers.schedules; Maestro adds its truncated 
 
     lr <- peak * jagged_cosine(step)      warmup, cosine to min_lr_ratio; ReLoRA re-warms from 0
     loss = CE(model(x), x)                 [+ CE(model_truncated(x), softmax(model(x)))  Maestro]
-    backward; clip_grad_norm; schedules.before_step(); optimizer.step(); schedules(step + 1)
+    backward; average over processes; clip_grad_norm; schedules.before_step(); optimizer.step();
+    schedules(step + 1)
 
-The method (config.METHODS) is applied to the attention and MLP projections (q, k, v, o, gate,
-up, down): layer methods through `rankwise.layers.convert_` + `schedule_for`, LoRA through
-`rankwise.adapt.adapt_` (the base weights stay frozen at their random init; embeddings and
-norms train, as in ReLoRA), GaLore/Fira through `rankwise.optim.create` (AdamW on the rest).
-Every other method trains its trainable tensors with torch AdamW.
+The loop itself (cadence, Ctrl-C, non-finite guard, rank-0 writes, logs) is
+`rankwise.train.runner.Runner`; this module supplies the step (`PretrainStep`), the evaluation
+and the checkpoint contents. Data: `rankwise.train.data` (the data position is the step);
+methods: `rankwise.train.methods`.
 
-Data: the corpus's train split tokenised up to the token budget and packed into rows; row
-order is a seeded permutation per epoch computed from the step alone, so the data position is
-the step and a resumed run reads exactly the rows the uninterrupted run would. Validation
-perplexity is scored on a fixed prefix (`eval_tokens`) of the validation split.
-
-Checkpoints (rankwise.train.checkpoint) every `save_every` steps and at the end hold the model,
-optimizer, schedules, RNG states and history, so `pretrain(config, resume=True)` continues
-bit-exactly: N steps + resume + M steps equals N + M steps uninterrupted.
+Checkpoints (rankwise.train.checkpoint) every `save_every` steps, at the end and on Ctrl-C hold
+the model, optimizer, schedules, RNG states and history, so `pretrain(config, resume=True)`
+continues bit-exactly: N steps + resume + M steps equals N + M steps uninterrupted. Under
+``torchrun`` each process trains on its shard of the global batch (rankwise.train.dist) and
+rank 0 alone writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.train.config import METHODS, PretrainConfig
+from rankwise.train import dist
+from rankwise.train.config import PretrainConfig
+from rankwise.train.data import PretrainData, batch_rows, load_tokenizer, prepare_data
+from rankwise.train.methods import (
+    TARGET_MODULES,
+    build_model,
+    lr_multiplier,
+    parameter_counts,
+    setup_method,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "METHODS",
     "TARGET_MODULES",
     "PretrainConfig",
     "PretrainData",
     "PretrainResult",
     "batch_rows",
+    "build_model",
+    "load_tokenizer",
     "lr_multiplier",
     "parameter_counts",
     "prepare_data",
@@ -58,205 +62,21 @@ __all__ = [
     "setup_method",
 ]
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_LAYER_METHODS = {"relora", "sltrain", "lost", "sst", "maestro", "trp"}
-_SCHEDULED = {"relora", "sst", "maestro", "trp"}
 
+def __getattr__(name: str) -> Any:  # METHODS follows the layer registry (train.config)
+    if name == "METHODS":
+        from rankwise.train.config import methods
 
-# ----------------------------------------------------------------------------- data
-@dataclass
-class PretrainData:
-    """Token ids of a run: train rows (n, seq_len) int64, validation stream (m,) int64.
-
-    `vocab_map[i]` is the tokenizer id of model id i when the vocabulary was limited (the last
-    model id stands for every other token); None for the full vocabulary.
-    """
-
-    train: torch.Tensor
-    val: torch.Tensor
-    vocab_size: int
-    vocab_map: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.train.ndim != 2 or self.train.dtype != torch.long or self.train.shape[0] < 1:
-            raise ValueError(f"train must be a non-empty (n, seq_len) int64 tensor, got "
-                             f"{tuple(self.train.shape)} {self.train.dtype}")
-        if self.val.ndim != 1 or self.val.dtype != torch.long or self.val.numel() < 2:
-            raise ValueError("val must be a (m,) int64 tensor with at least 2 tokens")
-        top = int(max(self.train.max(), self.val.max()))
-        if top >= self.vocab_size or int(min(self.train.min(), self.val.min())) < 0:
-            raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}), found "
-                             f"{top}: raise vocab_size or remap the ids")
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """A bundled model's tokenizer, or a directory holding only tokenizer files."""
-    path = Path(name_or_path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    from rankwise.models import load_tokenizer as load
-
-    return load(name_or_path)
-
-
-def prepare_data(config: PretrainConfig, tokenizer: Any | None = None) -> tuple[PretrainData, Any]:
-    """Tokenise the corpus for `config` (train up to the token budget, validation prefix).
-
-    Returns:
-        (data, tokenizer); the tokenizer is loaded from `config.tokenizer` when not given.
-    """
-    from rankwise.data import load_corpus, token_stream
-
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.tokenizer)
-    train = token_stream(load_corpus(config.corpus, "train"), tokenizer,
-                         max_tokens=config.tokens)
-    val = token_stream(load_corpus(config.corpus, "validation"), tokenizer,
-                       max_tokens=config.eval_tokens)
-    rows = train.numel() // config.seq_len
-    if rows < 1:
-        raise ValueError(f"the {config.corpus} train split gives fewer than seq_len="
-                         f"{config.seq_len} tokens: lower seq_len")
-    train = train[: rows * config.seq_len].view(rows, config.seq_len)
-    vocab, vocab_map = len(tokenizer), None
-    if config.vocab_limit is not None and config.vocab_limit < vocab:
-        counts = torch.bincount(train.reshape(-1), minlength=vocab)
-        order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id
-        vocab_map = order[: config.vocab_limit - 1].clone()
-        lookup = torch.full((vocab,), config.vocab_limit - 1, dtype=torch.long)
-        lookup[vocab_map] = torch.arange(config.vocab_limit - 1)
-        train, val, vocab = lookup[train], lookup[val], config.vocab_limit
-    return PretrainData(train, val, vocab, vocab_map), tokenizer
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen)
-
-
-def batch_rows(step: int, batch_size: int, n_rows: int, seed: int) -> torch.Tensor:
-    """Row indices of update `step` (0-based): sample s = step * B + j is row
-    perm_epoch[s mod n] with epoch = s // n, a fresh seeded permutation per epoch."""
-    samples = range(step * batch_size, (step + 1) * batch_size)
-    return torch.stack([_epoch_order(n_rows, seed, s // n_rows)[s % n_rows] for s in samples])
-
-
-# ----------------------------------------------------------------------------- model + method
-def build_model(config: PretrainConfig, vocab_size: int, tokenizer: Any | None = None) -> nn.Module:
-    """The configured Llama, freshly initialised (seeded), with `vocab_size` tokens.
-
-    The tokenizer's bos/eos/pad ids go into the model config (pass None for remapped ids).
-    """
-    from rankwise.train.llama import build_llama, llama_config
-
-    overrides: dict[str, Any] = {}
-    if tokenizer is not None:
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(tokenizer, key, None)
-            if value is not None and value < vocab_size:
-                overrides[key] = value
-    overrides.update(config.model_overrides)
-    overrides.setdefault("vocab_size", vocab_size)
-    if overrides["vocab_size"] < vocab_size:
-        raise ValueError(f"model_overrides vocab_size {overrides['vocab_size']} is below the "
-                         f"data's {vocab_size} token ids: raise it or drop the override")
-    overrides.setdefault("max_position_embeddings", max(1024, config.seq_len))
-    return build_llama(llama_config(config.size, **overrides), seed=config.seed)
-
-
-def _unfreeze_all_but_lora_bases(model: nn.Module) -> None:
-    from rankwise.adapt import adapter_layers
-
-    frozen = {id(p) for layer in adapter_layers(model).values()
-              for p in layer.base_layer.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
-
-
-def setup_method(config: PretrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """Apply `config.method` to `model` in place; return (optimizer, schedules).
-
-    `schedules` is a rankwise.layers.Schedules (empty for methods without periodic actions).
-    """
-    from rankwise.layers import convert_, schedule_for
-
-    method, rank, lr = config.method, config.resolved_rank, config.resolved_lr
-    layer_kw: dict[str, Any] = {"rank": rank} if rank is not None else {}
-    if config.density is not None:
-        layer_kw["density"] = config.density
-    if method in ("lora", "relora", "sltrain"):
-        layer_kw["alpha"] = 32.0 if config.alpha is None else float(config.alpha)
-    layer_kw.update(config.layer_options)
-    adamw = {"lr": lr, "betas": config.betas, "weight_decay": config.weight_decay}
-    if method in ("galore", "fira"):
-        import rankwise.optim as ro
-
-        preset = "galore_adamw" if method == "galore" else "fira"
-        opt = ro.create(preset, model, target_modules=TARGET_MODULES, rank=rank,
-                        update_proj_gap=config.resolved_period, **adamw,
-                        **config.optimizer_options)
-        return opt, schedule_for(model, opt, seed=config.seed)
-    if method == "lora":
-        from rankwise.adapt import adapt_
-
-        adapt_(model, "lora", target_modules=TARGET_MODULES, seed=config.seed, **layer_kw)
-        _unfreeze_all_but_lora_bases(model)
-    elif method in _LAYER_METHODS:
-        convert_(model, method, TARGET_MODULES, seed=config.seed, **layer_kw)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, **adamw, **config.optimizer_options)
-    options: dict[str, Any] = {}
-    if method in _SCHEDULED:
-        period = config.resolved_period
-        sched_kw: dict[str, Any] = {"every": period}
-        if method == "sst":
-            sched_kw["svd_every"] = 5 * period  # the layer's default ratio (100 / 500)
-        sched_kw.update(config.schedule_options)
-        options[method] = sched_kw
-    elif config.schedule_options:
-        raise ValueError(f"method {method!r} has no schedule: drop schedule_options")
-    return opt, schedule_for(model, opt, seed=config.seed, **options)
-
-
-def lr_multiplier(config: PretrainConfig, step: int) -> float:
-    """LR / peak LR at update `step` (0-based): warmup + cosine; ReLoRA's jagged restarts."""
-    from rankwise.layers import jagged_cosine
-
-    restart = {}
-    if config.method == "relora":
-        period = config.resolved_period
-        restart = {"restart_every": period, "restart_warmup_steps": max(1, period // 10)}
-    return jagged_cosine(step, total_steps=config.steps, warmup_steps=config.resolved_warmup,
-                         min_ratio=config.min_lr_ratio, **restart)
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Unique parameters: total / trainable, those inside the attention + MLP projections
-    (the part the methods change), and the (tied) embedding."""
-    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    inside: dict[int, nn.Parameter] = {}
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in TARGET_MODULES:
-            inside.update({id(p): p for p in module.parameters()})
-    embed = model.get_input_embeddings().weight
-    return {
-        "total": sum(p.numel() for p in seen.values()),
-        "trainable": sum(p.numel() for p in seen.values() if p.requires_grad),
-        "attn_mlp": sum(p.numel() for p in inside.values()),
-        "attn_mlp_trainable": sum(p.numel() for p in inside.values() if p.requires_grad),
-        "embedding": embed.numel(),
-    }
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- result
 @dataclass
 class PretrainResult:
-    """What a run measured. Lists are per update from step 1 (losses: the LM loss only;
-    step_seconds: wall time of each update, evaluation and checkpoints excluded)."""
+    """What a run measured. Lists are per update from step 1 (losses: the LM loss only, the mean
+    over the global batch; step_seconds: wall time of each update, evaluation and checkpoints
+    excluded). `interrupted`: Ctrl-C stopped the run (it saved; resume continues)."""
 
     config: dict[str, Any]
     steps: int
@@ -274,12 +94,57 @@ class PretrainResult:
     schedule_runs: dict[str, list[int]] = field(default_factory=dict)
     resumed_from: int | None = None
     checkpoint: str | None = None
+    interrupted: bool = False
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the step
+class PretrainStep:
+    """The per-step functions of pretraining (rankwise.train.runner.StepTask)."""
+
+    def __init__(self, config: PretrainConfig, model: nn.Module, optimizer: Any, schedules: Any,
+                 data: PretrainData) -> None:
+        self.config, self.model, self.optimizer, self.schedules = config, model, optimizer, schedules
+        self.data, self.n_rows = data, data.train.shape[0]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.shard = dist.shard_rows(config.batch_size)
+        self._total: torch.Tensor | None = None
+
+    def set_lr(self, step: int) -> float:
+        mult = lr_multiplier(self.config, step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * mult
+        return self.base_lrs[0] * mult
+
+    def forward(self, step: int) -> torch.Tensor:
+        rows = batch_rows(step, self.config.batch_size, self.n_rows, self.config.seed)
+        x = self.data.train[rows[self.shard]]
+        out = self.model(input_ids=x, labels=x)
+        self._total = out.loss
+        if self.schedules.truncates:  # Maestro: ordered-dropout forward distilled from the full one
+            from rankwise.layers import MaestroSchedule
+
+            with self.schedules.truncated():
+                partial = self.model(input_ids=x).logits
+            self._total = out.loss + MaestroSchedule.distillation_loss(out.logits, partial)
+        return out.loss
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        self._total.backward()
+        self._total = None
+        dist.average_gradients(self.params)
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.schedules.before_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedules(step + 1)
+
+
 def _evaluate(model: nn.Module, data: PretrainData, config: PretrainConfig) -> float:
     from rankwise.eval import perplexity
 
@@ -292,28 +157,7 @@ def _evaluate(model: nn.Module, data: PretrainData, config: PretrainConfig) -> f
         model.train(was_training)
 
 
-def _train_step(model, x, optimizer, schedules, params, config) -> float:
-    out = model(input_ids=x, labels=x)
-    loss = out.loss
-    if not bool(torch.isfinite(loss)):
-        raise FloatingPointError(f"the training loss became {float(loss)}: lower the learning "
-                                 f"rate (now {config.resolved_lr}) or raise warmup_steps")
-    total = loss
-    if schedules.truncates:  # Maestro: ordered-dropout forward distilled from the full one
-        from rankwise.layers import MaestroSchedule
-
-        with schedules.truncated():
-            partial = model(input_ids=x).logits
-        total = loss + MaestroSchedule.distillation_loss(out.logits, partial)
-    total.backward()
-    if config.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    schedules.before_step()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
+# ----------------------------------------------------------------------------- the run
 def pretrain(
     config: PretrainConfig,
     *,
@@ -337,81 +181,118 @@ def pretrain(
         return _run(config, data, tokenizer, resume)
 
 
-def _run(
-    config: PretrainConfig, data: PretrainData | None, tokenizer: Any | None, resume: bool
-) -> PretrainResult:
-    from tqdm.auto import tqdm
-
-    from rankwise import profiling
-    from rankwise.io import write_json
+def _run(config: PretrainConfig, data: PretrainData | None, tokenizer: Any | None,
+         resume: bool) -> PretrainResult:
     from rankwise.train import checkpoint as ckpt
+    from rankwise.train import fsdp
+    from rankwise.train.logs import check_log_dir
 
+    dist.init()
     out = Path(config.out) if config.out is not None else None
     found = ckpt.checkpoint_to_resume(out, resume, out_flag="config.out")
     if found is not None:
         ckpt.check_compatible(ckpt.read_checkpoint_meta(found), config, found)
+    check_log_dir(config.log_dir)
+    dist.shard_rows(config.batch_size)  # refuse an uneven split before any work
+    fsdp.check(config)
     if data is None:
         data, tokenizer = prepare_data(config, tokenizer)
     model = build_model(config, data.vocab_size, tokenizer if data.vocab_map is None else None)
     model.train()
-    optimizer, schedules = setup_method(config, model)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    result = PretrainResult(config=config.to_dict(), steps=0, tokens=0, completed=False)
-    start = 0
+    shard = fsdp.shard_model if config.fsdp and dist.active() else None
+    optimizer, schedules = setup_method(config, model, shard=shard)
+    if shard is None:
+        dist.broadcast_parameters(model)
+    build_tok = tokenizer if data.vocab_map is None else None
+    states = fsdp.StateAccess(model, optimizer, sharded=shard is not None,
+                              rebuild=lambda: build_model(config, data.vocab_size, build_tok))
+    result = PretrainResult(config=config.to_dict(), steps=0, tokens=0, completed=False,
+                            processes=dist.world_size())
+    start, history = 0, {"losses": [], "lrs": [], "step_seconds": [], "evals": []}
+    task = PretrainStep(config, model, optimizer, schedules, data)  # base LRs before a resume
     if found is not None:
-        loaded = ckpt.load_checkpoint(found, model=model, optimizer=optimizer,
-                                      schedules=schedules, config=config)
-        start = loaded["step"]
-        rows = loaded["extra"]["data"]["rows"]
-        if rows != data.train.shape[0]:
-            raise ValueError(f"{found} was trained on {rows} rows of tokens, this run has "
-                             f"{data.train.shape[0]}: resume with the same data and tokenizer")
-        history = loaded["extra"]["history"]
-        result.losses, result.lrs, result.val = history["losses"], history["lrs"], history["val"]
-        result.step_seconds = history["step_seconds"]
-        result.train_seconds = sum(result.step_seconds)
+        start, history = _resume(found, states, schedules, config, data)
         result.resumed_from = start
         logger.info("resumed %s at step %d from %s", config.method, start, found)
     n_rows = data.train.shape[0]
+
+    def save(step: int, collected: Any) -> Path:
+        extra = {"history": _history_out(history),
+                 "data": {"rows": n_rows, "samples": step * config.batch_size},
+                 **states.extra(collected)}
+        return ckpt.save_checkpoint(out, step=step, model=states.model_view(collected),
+                                    optimizer=states.optimizer_view(collected),
+                                    schedules=schedules, config=config, extra=extra,
+                                    keep=config.keep_checkpoints)
+
+    runner = _runner(config, history, out, lambda step: {
+        "perplexity": _evaluate(model, data, config)}, save, states)
     stop = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
-    every_eval, last_saved = config.resolved_eval_every, None
+    outcome = runner.run(task, start, stop)
+    done = outcome.done
+    result.interrupted = outcome.interrupted
+    result.completed = done == config.steps
+    _fill_result(result, history, done, config, model, optimizer, schedules, data)
+    if out is not None:
+        if not runner.saved_at(done):
+            runner.save(done)
+        result.checkpoint = str(runner.last_saved)
+        _publish(result, out, config, model, states, tokenizer, data)
+    runner.finish()
+    return result
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        history = {"losses": result.losses, "lrs": result.lrs, "val": result.val,
-                   "step_seconds": result.step_seconds}
-        extra = {"history": history, "data": {"rows": n_rows, "samples": step * config.batch_size}}
-        last_saved = ckpt.save_checkpoint(out, step=step, model=model, optimizer=optimizer,
-                                          schedules=schedules, config=config, extra=extra,
-                                          keep=config.keep_checkpoints)
 
-    bar = tqdm(total=config.steps, initial=start, desc=f"pretrain {config.method}",
-               unit="step", disable=not config.progress, leave=False)
-    with bar:
-        for step in range(start, stop):
-            mult = lr_multiplier(config, step)
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * mult
-            x = data.train[batch_rows(step, config.batch_size, n_rows, config.seed)]
-            t0 = time.perf_counter()
-            loss = _train_step(model, x, optimizer, schedules, params, config)
-            schedules(step + 1)
-            result.step_seconds.append(time.perf_counter() - t0)
-            result.train_seconds += result.step_seconds[-1]
-            result.losses.append(loss)
-            result.lrs.append(base_lrs[0] * mult)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{base_lrs[0] * mult:.2e}", refresh=False)
-            done = step + 1
-            if done % every_eval == 0 or done == config.steps:
-                result.val.append({"step": done, "perplexity": _evaluate(model, data, config)})
-            if out is not None and config.save_every and done % config.save_every == 0:
-                save(done)
-    done = max(start, stop)
+def _runner(config: PretrainConfig, history: dict[str, Any], out: Path | None, eval_fn: Any,
+            save: Any, states: Any) -> Any:
+    from rankwise.train.runner import Runner
+
+    return Runner(
+        total_steps=config.steps, desc=f"pretrain {config.method}", history=history,
+        eval_fn=eval_fn, eval_every=config.resolved_eval_every,
+        save_fn=save if out is not None else None, collect_fn=states.collect,
+        save_every=config.save_every, tokens_per_step=config.batch_size * config.seq_len,
+        log_dir=config.log_dir, png=out / "loss.png" if out is not None else None,
+        progress=config.progress,
+        nonfinite_hint=f"lower the learning rate (now {config.resolved_lr}) or raise "
+                       "warmup_steps",
+    )
+
+
+def _history_out(history: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's history record (its historical key "val" for the evaluations)."""
+    return {"losses": history["losses"], "lrs": history["lrs"], "val": history["evals"],
+            "step_seconds": history["step_seconds"]}
+
+
+def _resume(found: Path, states: Any, schedules: Any, config: PretrainConfig,
+            data: PretrainData) -> tuple[int, dict[str, Any]]:
+    from rankwise.train import checkpoint as ckpt
+
+    loaded = ckpt.load_checkpoint(found, model=states.model_loader(),
+                                  optimizer=states.optimizer_loader(), schedules=schedules,
+                                  config=config)
+    extra = loaded["extra"]
+    rows = extra["data"]["rows"]
+    if rows != data.train.shape[0]:
+        raise ValueError(f"{found} was trained on {rows} rows of tokens, this run has "
+                         f"{data.train.shape[0]}: resume with the same data and tokenizer")
+    states.restore_rank_rng(extra)
+    h = extra["history"]
+    history = {"losses": h["losses"], "lrs": h["lrs"], "step_seconds": h["step_seconds"],
+               "evals": h["val"]}
+    return loaded["step"], history
+
+
+def _fill_result(result: PretrainResult, history: dict[str, Any], done: int,
+                 config: PretrainConfig, model: nn.Module, optimizer: Any, schedules: Any,
+                 data: PretrainData) -> None:
+    from rankwise import profiling
+
+    result.losses, result.lrs = history["losses"], history["lrs"]
+    result.step_seconds, result.val = history["step_seconds"], history["evals"]
+    result.train_seconds = sum(result.step_seconds)
     result.steps = done
     result.tokens = done * config.batch_size * config.seq_len
-    result.completed = done == config.steps
     if result.val and result.val[-1]["step"] == done:
         result.val_perplexity = result.val[-1]["perplexity"]
     else:  # an interrupted run reports it but keeps it out of the (resumable) history
@@ -424,12 +305,20 @@ def _run(
                      "optimizer": profiling.optimizer_state_bytes(optimizer)}
     result.memory["total"] = result.memory["weights"] + result.memory["optimizer"]
     result.schedule_runs = schedules.runs
-    if out is not None:
-        if last_saved is None or not last_saved.name.endswith(f"{done:06d}"):
-            save(done)
-        result.checkpoint = str(last_saved)
+
+
+def _publish(result: PretrainResult, out: Path, config: PretrainConfig, model: nn.Module,
+             states: Any, tokenizer: Any, data: PretrainData) -> None:
+    """result.json and (for a completed run) the dense export, written by rank 0."""
+    from rankwise.io import write_json
+    from rankwise.train import checkpoint as ckpt
+
+    full = states.collect(result.steps) if config.export and result.completed else None
+
+    def write() -> None:
         write_json(out / "result.json", result.to_dict())
         if result.completed and config.export:
-            ckpt.export_dense(model, out / "final", tokenizer=tokenizer,
+            ckpt.export_dense(states.dense_model(full), out / "final", tokenizer=tokenizer,
                               vocab_map=data.vocab_map)
-    return result
+
+    dist.on_rank0(write)
