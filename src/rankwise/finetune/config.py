@@ -6,11 +6,12 @@ field (`differences`); only the run-control fields (`RUN_CONTROL_FIELDS`) may ch
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from rankwise.config import Config, option
 
 __all__ = ["RUN_CONTROL_FIELDS", "TASKS", "FinetuneConfig"]
 
@@ -23,7 +24,7 @@ TASKS: dict[str, dict[str, Any]] = {
 # Fields that steer how a run is watched and stored, not its trajectory.
 RUN_CONTROL_FIELDS = frozenset(
     {"out", "save_every", "keep_checkpoints", "stop_after", "eval_every", "initial_eval",
-     "progress"}
+     "progress", "log_dir"}
 )
 
 
@@ -41,64 +42,65 @@ def _non_negative(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig:
+class FinetuneConfig(Config):
     """One fine-tuning run of a `rankwise.adapt` method on an embedded task.
 
-    Model and task:
-        model: a bundled name ("minilm-l6", "smollm2-135m") or a local HF directory.
-        task: "fortunes" (topic classification: encoder + mean pooling + a trainable Linear
-            head, metric test accuracy) or "python-docs" (causal-LM domain adaptation, metric
-            validation perplexity).
-        method, rank, target_modules, method_args: passed to `rankwise.adapt.adapt_`
-            (target_modules None: the attention query/value projections of the model family).
-    Schedule:
-        steps, batch_size, seq_len (None: task default), lr (None: task default), head_lr
-        (the fortunes head's lr; None: lr, so methods with different lrs can share one),
-        warmup_steps
-        (None: 10 % of steps; linear decay to 0 afterwards, transformers' "linear" schedule),
-        weight_decay, grad_clip (0 disables).
-    Data size:
-        train_tokens: python-docs train tokens packed into rows (a prefix of the split).
-        eval_tokens: python-docs validation tokens scored; eval_samples: fortunes test texts
-            scored (None: all 463).
-    Run control (may change on resume):
-        out (None: no files), save_every (None: only at the end), keep_checkpoints, stop_after
-        (stop as if interrupted), eval_every (None: steps / 5), initial_eval (score the
-        model before training too), progress.
-        seed: adapter init, head init, dropout, data order.
+    Every field carries its help text (`option`); `rankwise finetune`'s flags and defaults are
+    generated from them. fortunes is topic classification (encoder + mean pooling + a trainable
+    Linear head, metric test accuracy); python-docs is causal-LM domain adaptation (metric
+    validation perplexity). Run-control fields (RUN_CONTROL_FIELDS) may change on resume.
     """
 
-    model: str
-    task: str
-    method: str = "lora"
-    rank: int = 8
-    target_modules: list[str] | str | None = None
-    method_args: dict[str, Any] = field(default_factory=dict)
-    steps: int = 100
-    batch_size: int | None = None
-    seq_len: int | None = None
-    lr: float | None = None
-    head_lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    train_tokens: int = 131_072
-    eval_tokens: int = 4096
-    eval_samples: int | None = None
-    seed: int = 0
-    out: str | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    stop_after: int | None = None
-    eval_every: int | None = None
-    initial_eval: bool = True
-    progress: bool = True
+    # model and task
+    model: str = option(help="bundled model name (minilm-l6, smollm2-135m) or a local HF dir",
+                        cli=False)
+    task: str = option(help="fortunes (topic classification) or python-docs (causal LM)",
+                       choices=tuple(TASKS))
+    method: str = option("lora", "adapter method (rankwise.adapt.list_methods())")
+    rank: int = option(8, "adapter rank r")
+    target_modules: list[str] | str | None = option(
+        None, "layers to adapt (PEFT vocabulary: names, suffixes, a regex, all-linear; None: "
+        "the attention query and value projections)", cli=False)
+    method_args: dict[str, Any] = option(help="method options (--arg KEY=VALUE)", cli=False,
+                                         default_factory=dict)
+    # schedule
+    steps: int = option(100, "optimizer updates")
+    batch_size: int | None = option(
+        None, "rows per update, the global batch split over processes (None: fortunes 16, "
+        "python-docs 4)")
+    seq_len: int | None = option(None, "tokens per row (None: fortunes 64, python-docs 128)")
+    lr: float | None = option(None, "peak learning rate (None: fortunes 1e-3, python-docs 5e-4)")
+    head_lr: float | None = option(
+        None, "fortunes: learning rate of the classification head (None: lr)")
+    warmup_steps: int | None = option(
+        None, "linear warmup steps (None: 10%% of steps), then linear decay to 0")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clipping (0 disables)")
+    # data size
+    train_tokens: int = option(131_072, "python-docs train tokens used (a prefix of the split)")
+    eval_tokens: int = option(4096, "python-docs validation tokens scored")
+    eval_samples: int | None = option(None, "fortunes test texts scored (None: all 463)")
+    seed: int = option(0, "adapter init, head init, dropout, data order")
+    # run control
+    out: str | None = option(None, "output directory (checkpoints, adapter, result.json)")
+    save_every: int | None = option(None, "checkpoint period in steps (None: only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints stay on disk")
+    stop_after: int | None = option(
+        None, "stop after this step as if interrupted (continue with --resume)")
+    eval_every: int | None = option(None, "evaluation period (None: steps / 5)")
+    initial_eval: bool = option(True, "score the model before training too")
+    log_dir: str | None = option(None, "TensorBoard directory (loss, lr, tokens/s, metric)")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):  # JSON keeps lists: compare like with like
             object.__setattr__(self, "target_modules", list(self.target_modules))
+        super().__post_init__()
+
+    def validate(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: choose one of {sorted(TASKS)}")
+        super().validate()
         if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) \
                 or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}: e.g. --rank 8")
@@ -149,16 +151,13 @@ class FinetuneConfig:
         return self.eval_every or max(1, self.steps // 5)
 
     # ------------------------------------------------------------------ JSON round trip
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig field(s) {unknown}")
-        return cls(**values)
+    def from_dict(cls, values: Any) -> FinetuneConfig:
+        """Build from saved values; unknown keys raise ValueError naming the known ones."""
+        try:
+            return super().from_dict(values)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
     def differences(self, other: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
         """Fields (other than run control) whose values differ: {name: (self's, other's)}."""

@@ -5,14 +5,18 @@
                                      steps=200, out="runs/fortunes-lora"))
     result.metric, result.history["losses"], result.trainable_parameters
 
-One step (Hugging Face Accelerate carries device placement and backward; transformers' "linear"
-warmup/decay schedule; AdamW over the trainable tensors; the adapters' training-time rules hook
-onto the optimizer through `rankwise.adapt.attach_rules`, so no method is a special case here):
+One step (`FinetuneStep`; transformers' "linear" warmup/decay schedule; AdamW over the
+trainable tensors; the adapters' training-time rules hook onto the optimizer through
+`rankwise.adapt.attach_rules`, so no method is a special case here):
 
-    loss = task_loss(model, batch(step)); accelerator.backward(loss); clip_grad_norm
-    optimizer.step()   # rules run around it;   scheduler.step();   optimizer.zero_grad()
+    loss = task_loss(model, this rank's shard of batch(step)); backward; average over processes
+    clip_grad_norm; optimizer.step()   # rules run around it;   scheduler.step();   zero_grad()
 
-Ctrl-C finishes the current step, checkpoints and returns (a second Ctrl-C stops at once).
+The loop around it is `rankwise.train.runner.Runner`: eval/save cadence, the non-finite guard,
+Ctrl-C (finishes the current step, checkpoints once and returns with ``interrupted``; a second
+Ctrl-C stops at once), TensorBoard (``log_dir``) and OUT/loss.png. Under ``torchrun`` or
+``accelerate launch`` each process trains on its shard of the global batch, gradients are
+averaged, and rank 0 alone writes (rankwise.train.dist).
 
 Why not `transformers.Trainer`: its checkpoints pickle the optimizer, scheduler and RNG state
 (``optimizer.pt``, ``rng_state.pth``: ``torch.load``) and save the whole model; ours hold only
@@ -23,13 +27,8 @@ bit-exact without replaying a sampler. Trainer users get the same rules with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import signal
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,9 @@ from rankwise.finetune.tasks import (
     task_batch,
     task_loss,
 )
+from rankwise.io import write_json
+from rankwise.train import dist
+from rankwise.train.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class FinetuneResult:
         "losses": [], "lrs": [], "step_seconds": [], "evals": []})
     resumed_from: int | None = None
     checkpoint: str | None = None
+    interrupted: bool = False
+    processes: int = 1
     #: the trained model (adapters still unmerged); not part of result.json
     model: Any = field(default=None, repr=False, compare=False)
 
@@ -112,27 +116,6 @@ def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any
     if head:
         groups.append({"params": head, "lr": config.resolved_head_lr})
     return groups
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[list[bool]]:
-    """While active, a first Ctrl-C (SIGINT) only sets a flag (a truthy list) that the loop checks
-    between steps; a second one interrupts at once. Only in the main thread."""
-    flag: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag:
-            raise KeyboardInterrupt
-        flag.append(True)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _export(model: nn.Module, out: Path) -> None:
@@ -179,28 +162,66 @@ def finetune(
         return _run(config, base, tokenizer, data, resume)
 
 
+class FinetuneStep:
+    """The per-step functions of fine-tuning (rankwise.train.runner.StepTask)."""
+
+    def __init__(self, config: FinetuneConfig, model: nn.Module, data: TaskData, optimizer: Any,
+                 scheduler: Any, device: torch.device) -> None:
+        self.config, self.model, self.data, self.device = config, model, data, device
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.clipped = [p for p in model.parameters() if p.requires_grad]
+        self.batch_size = config.resolved_batch_size
+        self.shard = dist.shard_rows(self.batch_size)
+
+    def set_lr(self, step: int) -> float:
+        return float(self.scheduler.get_last_lr()[0])  # the scheduler sets it after each step
+
+    def forward(self, step: int) -> torch.Tensor:
+        batch = task_batch(self.data, step, self.batch_size, self.config.seed)
+        return task_loss(self.model, {k: v[self.shard].to(self.device) for k, v in batch.items()})
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        loss.backward()
+        # every optimizer tensor, including those a rule added (IncreLoRA grows its rank)
+        dist.average_gradients(p for g in self.optimizer.param_groups for p in g["params"])
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.config.grad_clip)
+        self.optimizer.step()  # the adapters' rules run around it (attach_rules)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device() if dist.active() else 0)
+    return torch.device("cpu")
+
+
+def _load_task_data(config: FinetuneConfig, tokenizer: Any | None) -> TaskData:
+    if tokenizer is None:
+        from rankwise.models import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model)
+    return prepare_data(config.task, tokenizer, seq_len=config.resolved_seq_len,
+                        train_tokens=config.train_tokens, eval_tokens=config.eval_tokens,
+                        eval_samples=config.eval_samples)
+
+
 def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
          data: TaskData | None, resume: bool) -> FinetuneResult:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from rankwise import adapt
-    from rankwise.io import write_json
+    from rankwise.train.logs import check_log_dir
 
+    dist.init()
     out = Path(config.out) if config.out is not None else None
     found = ckpt.checkpoint_to_resume(out, resume, resume_flag="--resume", out_flag="--out")
     if found is not None:
         ckpt.check_compatible(ckpt.read_meta(found), config, found)
-    seq_len, batch_size = config.resolved_seq_len, config.resolved_batch_size
-    if data is None:
-        if tokenizer is None:
-            from rankwise.models import load_tokenizer
-
-            tokenizer = load_tokenizer(config.model)
-        data = prepare_data(config.task, tokenizer, seq_len=seq_len,
-                            train_tokens=config.train_tokens, eval_tokens=config.eval_tokens,
-                            eval_samples=config.eval_samples)
+    check_log_dir(config.log_dir)
+    dist.shard_rows(config.resolved_batch_size)  # refuse an uneven split before any work
+    data = data if data is not None else _load_task_data(config, tokenizer)
     model = build_model(config, base, getattr(data, "num_classes", None))
     head = [n for n, _ in model.named_parameters() if n.startswith("head.")]
     if found is not None:
@@ -210,17 +231,20 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
         for name, p in model.named_parameters():
             if name in head:
                 p.requires_grad_(True)
+    device = _device()
+    model.to(device)
+    dist.broadcast_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=config.resolved_warmup,
                               num_training_steps=config.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     rules = adapt.attach_rules(model, optimizer, total_steps=config.steps)
     metric_name = TASKS[config.task]["metric"]
     result = FinetuneResult(config=config.to_dict(), metric_name=metric_name,
                             trainable_parameters=sum(p.numel() for p in params),
-                            total_parameters=sum(p.numel() for p in model.parameters()))
+                            total_parameters=sum(p.numel() for p in model.parameters()),
+                            processes=dist.world_size())
+    task = FinetuneStep(config, model, data, optimizer, scheduler, device)
     start = 0
     if found is not None:
         loaded = ckpt.load_into(found, optimizer=optimizer, scheduler=scheduler, rules=rules)
@@ -228,67 +252,45 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
         result.initial_metric = result.history.get("initial_metric")
         result.resumed_from = start
         logger.info("resumed %s at step %d from %s", config.method, start, found)
-    eval_kw = {"seq_len": seq_len, "batch_size": batch_size}
+    eval_kw = {"seq_len": config.resolved_seq_len, "batch_size": config.resolved_batch_size}
     if start == 0 and config.initial_eval:
         result.initial_metric = evaluate(model, data, **eval_kw)
         result.history["initial_metric"] = result.initial_metric
-    stop = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
-    last_saved: Path | None = None
     history = result.history
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        last_saved = ckpt.save(out, step=step, model=model, optimizer=optimizer,
-                               scheduler=scheduler, rules=rules, config=config,
-                               history=history, keep=config.keep_checkpoints)
+    def save(step: int, rng_ranks: Any) -> Path:
+        return ckpt.save(out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                         rules=rules, config=config, history=history,
+                         keep=config.keep_checkpoints, rng_ranks=rng_ranks)
 
+    runner = Runner(
+        total_steps=config.steps, desc=f"finetune {config.method} on {config.task}",
+        history=history, eval_fn=lambda step: {metric_name: evaluate(model, data, **eval_kw)},
+        eval_every=config.resolved_eval_every, save_fn=save if out is not None else None,
+        collect_fn=ckpt.collect_rank_rng, save_every=config.save_every,
+        tokens_per_step=config.resolved_batch_size * config.resolved_seq_len,
+        log_dir=config.log_dir, png=out / "loss.png" if out is not None else None,
+        progress=config.progress, nonfinite_hint=f"lower --lr (now {config.resolved_lr})")
     model.train()
-    bar = tqdm(total=config.steps, initial=start, unit="step", leave=False,
-               desc=f"finetune {config.method} on {config.task}", disable=not config.progress)
-    done = start
-    with bar, _deferred_interrupt() as interrupted:
-        for step in range(start, stop):
-            if interrupted:  # Ctrl-C: stop between steps, so the checkpoint below is exact
-                logger.warning("interrupted: stopping after step %d", done)
-                break
-            batch = {k: v.to(accelerator.device)
-                     for k, v in task_batch(data, step, batch_size, config.seed).items()}
-            t0 = time.perf_counter()
-            loss = task_loss(model, batch)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"the training loss became {float(loss)} at step {step}: "
-                                         f"lower --lr (now {config.resolved_lr})")
-            accelerator.backward(loss)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(params, config.grad_clip)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history["step_seconds"].append(time.perf_counter() - t0)
-            history["losses"].append(float(loss.detach()))
-            history["lrs"].append(float(lr))
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['losses'][-1]:.3f}", refresh=False)
-            done = step + 1
-            if done % config.resolved_eval_every == 0 or done == config.steps:
-                value = evaluate(model, data, **eval_kw)
-                history["evals"].append({"step": done, metric_name: value})
-                if config.progress:
-                    bar.write(f"step {done}: {metric_name} {value:.4g}")
-            if out is not None and config.save_every and done % config.save_every == 0:
-                save(done)
-    result.steps, result.completed = done, done == config.steps
+    stop = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
+    outcome = runner.run(task, start, stop)
+    done = outcome.done
+    result.steps, result.completed, result.interrupted = done, done == config.steps, \
+        outcome.interrupted
     evals = history["evals"]
     result.metric = (evals[-1][metric_name] if evals and evals[-1]["step"] == done
                      else evaluate(model, data, **eval_kw))
-    result.history = history
     if out is not None:
-        if last_saved is None or not last_saved.name.endswith(f"{done:06d}"):
-            save(done)
-        result.checkpoint = str(last_saved)
-        if result.completed:
-            _export(accelerator.unwrap_model(model), out)
-        write_json(out / "result.json", result.to_dict())
-    result.model = accelerator.unwrap_model(model)
+        if not runner.saved_at(done):
+            runner.save(done)
+        result.checkpoint = str(runner.last_saved)
+
+        def publish() -> None:
+            if result.completed:
+                _export(model, out)
+            write_json(out / "result.json", result.to_dict())
+
+        dist.on_rank0(publish)
+    runner.finish()
+    result.model = model
     return result

@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt import adapter_layers, load_adapter, save_adapter
 from rankwise.finetune.config import FinetuneConfig
 from rankwise.io import load_tensors, save_tensors, write_json
+from rankwise.train import dist
 from rankwise.train.checkpoint import (
     checkpoint_dirs,
     checkpoint_to_resume,
@@ -50,6 +51,7 @@ __all__ = [
     "FORMAT",
     "checkpoint_dirs",
     "checkpoint_to_resume",
+    "collect_rank_rng",
     "extra_trainable",
     "latest_checkpoint",
     "load_into",
@@ -103,8 +105,12 @@ def save(
     config: FinetuneConfig,
     history: dict[str, Any],
     keep: int = 2,
+    rng_ranks: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``out/checkpoints/step-{step:06d}`` atomically; keep the newest `keep`."""
+    """Write ``out/checkpoints/step-{step:06d}`` atomically; keep the newest `keep`.
+
+    `rng_ranks`: every process's torch RNG state (`collect_rank_rng`) in a multi-process run,
+    so each rank resumes its own dropout stream."""
     state = {
         "optimizer": _unwrap(optimizer).state_dict(),
         "scheduler": _unwrap(scheduler).state_dict(),
@@ -112,6 +118,8 @@ def save(
         "rules": rules.state_dict(),
         "history": history,
     }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     tree, tensors = flatten_state(state)
     meta = {"format": FORMAT, "version": VERSION, "step": int(step), "method": config.method,
             "config": config.to_dict(), "state": tree}
@@ -124,6 +132,11 @@ def save(
         write_json(tmp / "state.json", meta)  # last: marks the checkpoint complete
 
     return write_checkpoint_dir(out, step, fill, keep=keep)
+
+
+def collect_rank_rng(step: int) -> list[torch.Tensor] | None:
+    """Every rank's torch RNG state (a collective: call on all ranks), None for one process."""
+    return dist.gather_tensors(torch.get_rng_state()) if dist.active() else None
 
 
 def load_adapters(path: str | os.PathLike[str], model: nn.Module,
@@ -157,4 +170,7 @@ def load_into(path: str | os.PathLike[str], *, optimizer: Any, scheduler: Any,
     _unwrap(scheduler).load_state_dict(state["scheduler"])
     rules.load_state_dict(state["rules"])  # step + per-layer rule state (AdaLoRA EMAs, ...)
     set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")
+    if dist.active() and ranks is not None and len(ranks) == dist.world_size():
+        torch.set_rng_state(ranks[dist.rank()].to(torch.uint8))
     return {"step": int(meta["step"]), "history": state["history"]}
