@@ -6,7 +6,7 @@ Three ways to spend the budget (all keep the factorised structure, so parameters
   causal-LM loss; merged back into A and B afterwards (each stays (r, in) / (out, r)).
 * ``lowrank``: WeLore-style: train only the low-rank factors A, B (WeLore's LRCs); every other
   weight (embeddings, norms, layers kept dense) is frozen; causal-LM loss.
-* ``distill``: train the factors against the dense model as teacher (PELA card 9):
+* ``distill``: train the factors against the dense model as teacher (PELA, Guo et al. 2023):
   `KL(p_teacher || p_student)` on the next-token distributions plus `distill_alpha` times the
   feature loss, the mean over blocks of `MSE(h_s, h_t) / mean(h_t^2)` (PELA's block-feature
   MSE, normalised per block because LLM hidden-state scales differ by orders of magnitude
@@ -19,6 +19,11 @@ cosine of the elapsed fraction of the budget to 10 % at the deadline, so any bud
 complete schedule.
 Optimizer: torch AdamW (betas 0.9/0.95, no weight decay); plain AdamW beats the GaLore family
 here because the trainable factors are already low-rank and small.
+
+Methods are entries of ``registry("healing")`` (a `HealMethod`: what trains, the loss, what
+happens after; ``none`` skips healing); a caller may pass its own `loss_fn`. The loop is
+`rankwise.train.runner.Runner` (non-finite guard, Ctrl-C deferral, TensorBoard, loss PNG) with
+the budget as its `keep_going` test.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,12 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear
+from rankwise.registry import registry
+from rankwise.train import dist
+from rankwise.train.runner import Runner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_LR", "HealResult", "distill_loss", "heal_"]
+__all__ = ["DEFAULT_LR", "HealMethod", "HealResult", "distill_loss", "heal_", "lm_loss"]
 
-DEFAULT_LR = {"lora": 5e-4, "lowrank": 5e-5, "distill": 5e-5}
 WARMUP_STEPS = 10
 FLOOR = 0.1
 
@@ -67,27 +75,74 @@ def _factorized(model: nn.Module) -> dict[str, FactorizedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
 
 
-def _trainable(model: nn.Module, method: str, lora_rank: int, seed: int) -> list[nn.Parameter]:
-    layers = _factorized(model)
-    if not layers:
-        raise ValueError("the model has no factorised layers to heal: compress it first")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if method == "lora":
-        from rankwise.adapt import adapt_
+def _factors_trainable(model: nn.Module, lora_rank: int, seed: int) -> None:
+    """lowrank / distill: the factors A and B of every FactorizedLinear train."""
+    for layer in _factorized(model).values():
+        for p in layer.parameters():
+            p.requires_grad_(True)
 
-        groups: dict[int, list[str]] = {}  # LoRA rank capped by each factor's smaller side
-        for n, layer in layers.items():
-            for side in ("A", "B"):
-                k = min(lora_rank, *getattr(layer, side).weight.shape)
-                groups.setdefault(k, []).append(f"{n}.{side}")
-        for k, inner in groups.items():
-            adapt_(model, "lora", target_modules=inner, rank=k, alpha=2 * k, seed=seed)
-    else:
-        for layer in layers.values():
-            for p in layer.parameters():
-                p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+
+def _lora_on_factors(model: nn.Module, lora_rank: int, seed: int) -> None:
+    """lora: LoRA on the inner A and B linears, rank capped by each factor's smaller side."""
+    from rankwise.adapt import adapt_
+
+    groups: dict[int, list[str]] = {}
+    for n, layer in _factorized(model).items():
+        for side in ("A", "B"):
+            k = min(lora_rank, *getattr(layer, side).weight.shape)
+            groups.setdefault(k, []).append(f"{n}.{side}")
+    for k, inner in groups.items():
+        adapt_(model, "lora", target_modules=inner, rank=k, alpha=2 * k, seed=seed)
+
+
+def _merge_lora(model: nn.Module) -> None:
+    from rankwise.adapt import merge_and_unload
+
+    merge_and_unload(model)
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None = None,
+            distill_alpha: float = 0.0) -> torch.Tensor:
+    """The causal-LM loss of `model` on `ids` (labels = inputs)."""
+    return model(ids, labels=ids).loss
+
+
+def distill_step_loss(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None = None,
+                      distill_alpha: float = 1.0) -> torch.Tensor:
+    """`distill_loss` of the student against the teacher's outputs on `ids`."""
+    with torch.no_grad():
+        t_out = teacher(ids, output_hidden_states=bool(distill_alpha))
+    s_out = model(ids, output_hidden_states=bool(distill_alpha))
+    return distill_loss(s_out, t_out, distill_alpha)
+
+
+#: the loss-function signature of a healing method: (student, ids, teacher, alpha) -> scalar
+LossFn = Callable[[nn.Module, torch.Tensor, "nn.Module | None", float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HealMethod:
+    """One healing method: what trains (`prepare`), its loss, what happens after (`finish`)."""
+
+    prepare: Callable[[nn.Module, int, int], None] | None
+    loss: LossFn | None
+    lr: float | None
+    finish: Callable[[nn.Module], None] | None = None
+    needs_teacher: bool = False
+
+
+_HEALING = registry("healing")
+_HEALING.register("lora", HealMethod(_lora_on_factors, lm_loss, 5e-4, _merge_lora),
+                  summary="LoRA on the factors A and B, causal-LM loss; merged back afterwards")
+_HEALING.register("lowrank", HealMethod(_factors_trainable, lm_loss, 5e-5),
+                  summary="train only the low-rank factors (WeLore's LRCs), causal-LM loss")
+_HEALING.register("distill", HealMethod(_factors_trainable, distill_step_loss, 5e-5,
+                                        needs_teacher=True),
+                  summary="train the factors against the dense teacher: KL + block-feature MSE")
+_HEALING.register("none", HealMethod(None, None, None), summary="no healing")
+
+#: default peak learning rate per trainable healing method
+DEFAULT_LR = {n: e.target.lr for n in _HEALING.names() if (e := _HEALING.get(n)).target.lr}
 
 
 def _lr_at(step: int, frac: float, lr: float) -> float:
@@ -124,6 +179,43 @@ def _batches(stream: torch.Tensor, batch_size: int, seq_len: int, seed: int):
             yield windows[order[i:i + batch_size]]
 
 
+class HealStep:
+    """The per-step functions of healing (rankwise.train.runner.StepTask).
+
+    The LR's budget fraction is rank 0's (broadcast), so every process runs the same schedule.
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], loss: LossFn, *,
+                 teacher: nn.Module | None, distill_alpha: float, lr: float, batches: Any,
+                 budget: float, max_steps: int | None, batch_size: int) -> None:
+        self.model, self.params, self.loss_fn, self.teacher = model, params, loss, teacher
+        self.alpha, self.lr, self.batches = distill_alpha, lr, batches
+        self.budget, self.max_steps = budget, max_steps
+        self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.shard = dist.shard_rows(batch_size)
+        self.start = time.perf_counter()
+
+    def set_lr(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.start
+        frac = max(elapsed / self.budget if math.isfinite(self.budget) else 0.0,
+                   step / self.max_steps if self.max_steps else 0.0)
+        lr = _lr_at(step, dist.from_rank0(frac), self.lr)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def forward(self, step: int) -> torch.Tensor:
+        ids = next(self.batches)[self.shard]
+        return self.loss_fn(self.model, ids, self.teacher, self.alpha)
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        loss.backward()
+        dist.average_gradients(self.params)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def heal_(
     model: nn.Module,
     stream: torch.Tensor,
@@ -139,73 +231,71 @@ def heal_(
     distill_alpha: float = 1.0,
     seed: int = 0,
     on_step: Callable[[int, float, float], None] | None = None,
+    loss_fn: LossFn | None = None,
+    log_dir: str | None = None,
 ) -> HealResult:
     """Fine-tune `model`'s factorised layers in place on `stream` (1-D token ids) within `minutes`.
 
     Stops at the deadline or after `max_steps`, whichever comes first (`minutes=0` with
     `max_steps`: steps only). LoRA adapters are merged into the factors before returning, so the
     model has exactly the structure it came with. `on_step(step, seconds, loss)` reports progress.
+    `method` is a name of registry("healing"); `loss_fn(model, ids, teacher, distill_alpha)`
+    replaces its loss (pluggable distillation losses). `log_dir`: TensorBoard scalars and
+    loss.png there. Under ``torchrun`` each process heals on its shard of every batch (the
+    batch size is global) with gradients averaged, so all replicas stay equal.
     """
-    if method not in DEFAULT_LR:
+    entry = _HEALING.get(method) if isinstance(method, str) else None
+    if entry is None or entry.target.loss is None:
         raise ValueError(f"heal method must be one of {list(DEFAULT_LR)}, got {method!r}")
-    if method == "distill" and teacher is None:
-        raise ValueError("heal method 'distill' needs the dense teacher model: pass teacher=")
+    spec: HealMethod = entry.target
+    if spec.needs_teacher and teacher is None:
+        raise ValueError(f"heal method {method!r} needs the dense teacher model: pass teacher=")
     if minutes <= 0 and not max_steps:
         raise ValueError("healing needs a time budget (minutes > 0) or max_steps")
-    lr = DEFAULT_LR[method] if lr is None else lr
-    params = _trainable(model, method, lora_rank, seed)
-    result = HealResult(method=method, lr=lr, trainable=sum(p.numel() for p in params))
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if not _factorized(model):
+        raise ValueError("the model has no factorised layers to heal: compress it first")
+    dist.init()
+    dist.shard_rows(batch_size)  # refuse an uneven split before any work
+    lr = spec.lr if lr is None else lr
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spec.prepare(model, lora_rank, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    result = HealResult(method=entry.name, lr=lr, trainable=sum(p.numel() for p in params))
     budget = minutes * 60 if minutes > 0 else float("inf")
-    batches = _batches(stream, batch_size, seq_len, seed)
+    task = HealStep(model, params, loss_fn or spec.loss, teacher=teacher,
+                    distill_alpha=distill_alpha, lr=lr,
+                    batches=_batches(stream, batch_size, seq_len, seed), budget=budget,
+                    max_steps=max_steps, batch_size=batch_size)
+
+    def keep_going(steps: int, elapsed: float, step_time: float) -> bool:
+        over = steps > 0 and elapsed + step_time > budget
+        return (max_steps is None or steps < max_steps) and not over
+
+    def record(step: int, seconds: float, loss: float) -> None:
+        result.curve.append((step, seconds, loss))
+        if on_step is not None:
+            on_step(step, seconds, loss)
+
+    runner = Runner(total_steps=max_steps or 0, desc=f"heal ({entry.name})", keep_going=keep_going,
+                    on_step=record, tokens_per_step=batch_size * seq_len, log_dir=log_dir,
+                    png=Path(log_dir) / "loss.png" if log_dir else None, progress=False,
+                    nonfinite_hint="lower heal_lr")
     if teacher is not None:
         teacher.eval()
     model.train()
-    start = time.perf_counter()
-    step_time = 0.0
-    losses: list[float] = []
     try:
-        while max_steps is None or result.steps < max_steps:
-            elapsed = time.perf_counter() - start
-            if result.steps and elapsed + step_time > budget:
-                break
-            frac = max(elapsed / budget if math.isfinite(budget) else 0.0,
-                       result.steps / max_steps if max_steps else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(result.steps, frac, lr)
-            ids = next(batches)
-            t0 = time.perf_counter()
-            if method == "distill":
-                with torch.no_grad():
-                    t_out = teacher(ids, output_hidden_states=bool(distill_alpha))
-                s_out = model(ids, output_hidden_states=bool(distill_alpha))
-                loss = distill_loss(s_out, t_out, distill_alpha)
-            else:
-                loss = model(ids, labels=ids).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"healing loss became {loss.item()} at step {result.steps}: "
-                                         "lower heal_lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            step_time = dt if not result.steps else 0.8 * step_time + 0.2 * dt
-            result.steps += 1
-            result.tokens += ids.numel()
-            losses.append(loss.item())
-            result.curve.append((result.steps, time.perf_counter() - start, losses[-1]))
-            if on_step is not None:
-                on_step(result.steps, time.perf_counter() - start, losses[-1])
+        outcome = runner.run(task, 0, None)
     finally:
+        runner.finish()
         model.eval()
-        if method == "lora":
-            from rankwise.adapt import merge_and_unload
-
-            merge_and_unload(model)
+        if spec.finish is not None:
+            spec.finish(model)
         for p in model.parameters():
             p.requires_grad_(False)
-    result.seconds = time.perf_counter() - start
+    losses = runner.history["losses"]
+    result.steps, result.tokens = outcome.done, outcome.done * batch_size * seq_len
+    result.seconds = time.perf_counter() - task.start
     k = max(1, min(10, len(losses) // 4))
     if losses:
         result.loss_first = sum(losses[:k]) / k

@@ -195,3 +195,12 @@ def gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(world_size())]
     _dist().all_gather(out, t.contiguous())
     return out
+
+
+def from_rank0(value: float) -> float:
+    """Rank 0's `value` on every rank (schedules that read a clock must agree)."""
+    if not active():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    _dist().broadcast(t, src=0)
+    return float(t.item())
