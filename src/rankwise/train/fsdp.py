@@ -32,12 +32,20 @@ __all__ = ["SHARDABLE", "Collected", "StateAccess", "check", "shard_model"]
 SHARDABLE = ("full", "galore", "fira")
 
 
-def check(config: Any) -> None:
-    """Refuse ``fsdp`` for a method that replaces its layers' parameters during training."""
-    if getattr(config, "fsdp", False) and config.method not in SHARDABLE:
+def check(config: Any, resume: bool = False) -> None:
+    """Refuse ``fsdp`` for a method that replaces its layers' parameters during training, and
+    the resume of a sharded projected optimizer (GaLore/Fira: torch's full-state loader would
+    shard the low-rank moments and projector like the weight; not supported yet)."""
+    if not getattr(config, "fsdp", False) or not dist.active():
+        return
+    if config.method not in SHARDABLE:
         raise ValueError(f"fsdp shards the dense methods {list(SHARDABLE)}; method "
                          f"{config.method!r} changes its layers during training: drop --fsdp "
                          "(it then trains replicated on every process)")
+    if resume and config.method != "full":
+        raise ValueError(f"resuming an FSDP2-sharded {config.method!r} run is not supported yet "
+                         "(its projector state would be sharded like the weight): train it "
+                         "without --fsdp to resume, or start a new --out")
 
 
 def shard_model(model: nn.Module) -> None:
@@ -159,3 +167,20 @@ class StateAccess:
         model = self.rebuild()
         model.load_state_dict(collected.model_state)
         return model
+
+
+def memory(model: nn.Module, optimizer: Any) -> dict[str, int]:
+    """Bytes of weights and optimizer state held by this process (a DTensor counts its shard)."""
+    from torch.utils._pytree import tree_map
+
+    from rankwise import profiling
+    from rankwise.optim.distributed import local
+
+    def to_local(x: Any) -> Any:
+        return local(x) if isinstance(x, torch.Tensor) else x
+
+    weights = [local(t) for t in [*model.parameters(), *model.buffers()]]
+    state = tree_map(to_local, list(optimizer.state.values()))
+    out = {"weights": profiling.tensor_bytes(weights), "optimizer": profiling.tensor_bytes(state)}
+    out["total"] = out["weights"] + out["optimizer"]
+    return out

@@ -194,7 +194,7 @@ def _run(config: PretrainConfig, data: PretrainData | None, tokenizer: Any | Non
         ckpt.check_compatible(ckpt.read_checkpoint_meta(found), config, found)
     check_log_dir(config.log_dir)
     dist.shard_rows(config.batch_size)  # refuse an uneven split before any work
-    fsdp.check(config)
+    fsdp.check(config, resume=found is not None)
     if data is None:
         data, tokenizer = prepare_data(config, tokenizer)
     model = build_model(config, data.vocab_size, tokenizer if data.vocab_map is None else None)
@@ -286,7 +286,7 @@ def _resume(found: Path, states: Any, schedules: Any, config: PretrainConfig,
 def _fill_result(result: PretrainResult, history: dict[str, Any], done: int,
                  config: PretrainConfig, model: nn.Module, optimizer: Any, schedules: Any,
                  data: PretrainData) -> None:
-    from rankwise import profiling
+    from rankwise.train import fsdp
 
     result.losses, result.lrs = history["losses"], history["lrs"]
     result.step_seconds, result.val = history["step_seconds"], history["evals"]
@@ -301,9 +301,7 @@ def _fill_result(result: PretrainResult, history: dict[str, Any], done: int,
             result.val.append({"step": done, "perplexity": result.val_perplexity})
     result.tokens_per_s = result.tokens / result.train_seconds if result.train_seconds else 0.0
     result.parameters = parameter_counts(model)
-    result.memory = {"weights": profiling.parameter_bytes(model),
-                     "optimizer": profiling.optimizer_state_bytes(optimizer)}
-    result.memory["total"] = result.memory["weights"] + result.memory["optimizer"]
+    result.memory = fsdp.memory(model, optimizer)  # per process (its shards under FSDP2)
     result.schedule_runs = schedules.runs
 
 
