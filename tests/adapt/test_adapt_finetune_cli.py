@@ -100,3 +100,47 @@ def test_cli_smoke_on_minilm_fortunes(tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert result["completed"] and 0.0 <= result["metric"] <= 1.0
     assert len(result["history"]["losses"]) == 3
+
+
+def test_cli_ctrl_c_saves_once_and_exits_130(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """SIGINT in the middle of a step: that step finishes, one checkpoint, exit code 130."""
+    import signal
+
+    from rankwise.finetune import loop
+
+    real = loop.task_batch
+
+    def batch(data, step, *args):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real(data, step, *args)
+
+    monkeypatch.setattr(loop, "task_batch", batch)
+    out = tmp_path / "o"
+    assert main(_argv(tiny_dirs["python-docs"], "python-docs", out)) == 130
+    assert "interrupted: saved step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert json.loads((out / "result.json").read_text())["interrupted"] is True
+
+
+def test_cli_logs_tensorboard_and_draws_the_loss_curve(tiny_dirs, tmp_path):
+    """--log-dir: the TensorBoard scalars are the losses, lrs and metrics of result.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, logs = tmp_path / "o", tmp_path / "tb"
+    assert main(_argv(tiny_dirs["python-docs"], "python-docs", out, "--log-dir", str(logs),
+                      "--eval-every", "2")) == 0
+    result = json.loads((out / "result.json").read_text())
+    acc = EventAccumulator(str(logs))
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
+    assert [v for _, v in loss] == pytest.approx(result["history"]["losses"], rel=1e-6)
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx(result["history"]["lrs"])
+    evals = acc.Scalars("eval/perplexity")
+    assert [e.step for e in evals] == [e["step"] for e in result["history"]["evals"]] == [2, 4]
+    assert [e.value for e in evals] == pytest.approx(
+        [e["perplexity"] for e in result["history"]["evals"]], rel=1e-6)
+    assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_s"))
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
