@@ -2,18 +2,18 @@
 
 A run is a tiny Llama (`rankwise.train.llama`) trained from scratch with one method:
 
-| method | what changes (card in shared/methods/training.md) | rank | density | period |
+| method | what changes (paper) | rank | density | period |
 |---|---|---|---|---|
 | full | nothing: dense weights, torch AdamW | - | - | - |
 | lora | frozen random W0 + (alpha/r) B A; embeddings and norms train | r | - | - |
-| relora | lora + merge-and-restart every `period` steps, jagged LR (10) | r | - | restart |
-| galore | dense weights, GaLore-AdamW on attn/MLP gradients (1) | r | - | projector refresh |
-| fira | GaLore + Fira's scaled residual and limiter (3) | r | - | projector refresh |
-| sltrain | (alpha/r) B A + S on a fixed random support (11) | r | of entries | - |
-| lost | SVD split: rank-r part + channel-wise sparse part (12) | r | of channels | - |
-| sst | U diag(sigma) V^T, r sampled singular-vector pairs (13) | r | - | resample |
-| maestro | B A, ordered dropout + self-distillation + group lasso (14) | width | - | shrink |
-| trp | dense W projected to its 0.99-energy rank + nuclear subgradient (15) | - | - | project |
+| relora | lora + merge-and-restart every `period` steps, jagged LR (ReLoRA, Lialin et al. 2023) | r | - | restart |
+| galore | dense weights, GaLore-AdamW on attn/MLP gradients (GaLore, Zhao et al. 2024) | r | - | projector refresh |
+| fira | GaLore + Fira's scaled residual and limiter (Fira, Chen et al. 2024) | r | - | projector refresh |
+| sltrain | (alpha/r) B A + S on a fixed random support (SLTrain, Han et al. 2024) | r | of entries | - |
+| lost | SVD split: rank-r part + channel-wise sparse part (LOST, 2025) | r | of channels | - |
+| sst | U diag(sigma) V^T, r sampled singular-vector pairs (SST, 2024) | r | - | resample |
+| maestro | B A, ordered dropout + self-distillation + group lasso (Maestro, Horvath et al. 2024) | width | - | shrink |
+| trp | dense W projected to its 0.99-energy rank + nuclear subgradient (TRP, 2023) | - | - | project |
 
 Defaults that are ours (the papers train far longer): rank = hidden / 4 (GaLore's ratio for its
 60M model), period = steps / 4 capped at the papers' values (ReLoRA 500, GaLore/Fira 200,
