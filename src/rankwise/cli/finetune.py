@@ -14,8 +14,8 @@ continues bit-exactly and refuses other settings. OUT/adapter holds the trained 
 (`rankwise.adapt.load_adapter` onto the base model), OUT/result.json the loss curve and metrics,
 OUT/loss.png the curve; --log-dir writes TensorBoard scalars. Ctrl-C finishes the step, saves
 and exits with 130. Several processes: `torchrun --nproc_per_node 2 --no-python rankwise
-finetune ...` or `accelerate launch --num_processes 2 --no_python rankwise finetune ...`
-(--batch-size is the global batch; rank 0 writes; docs/distributed.md).
+finetune ...` or `accelerate launch --multi_gpu --num_processes 2 --no_python rankwise
+finetune ...` (--batch-size is the global batch; rank 0 writes; docs/distributed.md).
 """
 
 from __future__ import annotations
