@@ -74,7 +74,7 @@ def scenario(name: str, root: Path) -> dict:
         from rankwise.train.loop import pretrain
 
         kw = {"method": "full"} if name == "pretrain_resume" else {
-            "method": "full", "fsdp": dist.world_size() > 1}
+            "method": "galore", "fsdp": dist.world_size() > 1}
         pretrain(pretrain_config(out, stop_after=2, **kw), data=pretrain_data())
         r = pretrain(pretrain_config(out, **kw), data=pretrain_data(), resume=True)
         return {"losses": r.losses, "resumed_from": r.resumed_from}

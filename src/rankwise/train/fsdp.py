@@ -32,20 +32,14 @@ __all__ = ["SHARDABLE", "Collected", "StateAccess", "check", "shard_model"]
 SHARDABLE = ("full", "galore", "fira")
 
 
-def check(config: Any, resume: bool = False) -> None:
-    """Refuse ``fsdp`` for a method that replaces its layers' parameters during training, and
-    the resume of a sharded projected optimizer (GaLore/Fira: torch's full-state loader would
-    shard the low-rank moments and projector like the weight; not supported yet)."""
+def check(config: Any) -> None:
+    """Refuse ``fsdp`` for a method that replaces its layers' parameters during training."""
     if not getattr(config, "fsdp", False) or not dist.active():
         return
     if config.method not in SHARDABLE:
         raise ValueError(f"fsdp shards the dense methods {list(SHARDABLE)}; method "
                          f"{config.method!r} changes its layers during training: drop --fsdp "
                          "(it then trains replicated on every process)")
-    if resume and config.method != "full":
-        raise ValueError(f"resuming an FSDP2-sharded {config.method!r} run is not supported yet "
-                         "(its projector state would be sharded like the weight): train it "
-                         "without --fsdp to resume, or start a new --out")
 
 
 def shard_model(model: nn.Module) -> None:
@@ -99,9 +93,59 @@ class _OptimizerLoader:
         self.param_groups = optimizer.param_groups
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if _is_rankwise(self.optimizer):
+            self.optimizer.load_state_dict(_map_state(self.optimizer, state, _to_local))
+            return
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(self.model, self.optimizer, state, options=_options())
+
+
+# rankwise's optimizers keep a sharded parameter's elementwise state as plain tensors of the
+# local shard's shape and a projected parameter's state (low-rank moments, projector) whole on
+# every rank (rankwise.optim.distributed); torch's full-state helpers would save only rank 0's
+# shard of the former and shard the latter on load, so these two functions do it by hand.
+_PROJECTED = ("proj_seed", "proj_basis")
+
+
+def _is_rankwise(optimizer: Any) -> bool:
+    return type(optimizer).__module__.startswith("rankwise.")
+
+
+def _map_state(optimizer: Any, state: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """`state` (an optimizer state_dict) with fn(value, param, projected) on every tensor."""
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    by_id = dict(zip(ids, params, strict=True))
+    out = {}
+    for pid, st in state["state"].items():
+        projected = any(k in st for k in _PROJECTED)
+        out[pid] = {k: fn(v, by_id[pid], projected) if isinstance(v, torch.Tensor) else v
+                    for k, v in st.items()}
+    return {"state": out, "param_groups": state["param_groups"]}
+
+
+def _to_full(value: torch.Tensor, param: torch.Tensor, projected: bool) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    from rankwise.optim.distributed import is_dtensor
+
+    if is_dtensor(value):
+        return value.full_tensor().cpu()
+    if (is_dtensor(param) and not projected and value.dim() > 0
+            and value.shape == param.to_local().shape):
+        whole = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                   shape=param.shape, stride=param.stride())
+        return whole.full_tensor().cpu()
+    return value.cpu()
+
+
+def _to_local(value: torch.Tensor, param: torch.Tensor, projected: bool) -> torch.Tensor:
+    from rankwise.optim.distributed import is_dtensor, shard_like
+
+    if is_dtensor(param) and not projected and tuple(value.shape) == tuple(param.shape):
+        return shard_like(value.to(param.to_local().device), param).clone()
+    return value
 
 
 class StateAccess:
@@ -126,8 +170,12 @@ class StateAccess:
             )
 
             out.model_state = get_model_state_dict(self.model, options=_options(cpu_offload=True))
-            out.optimizer_state = get_optimizer_state_dict(self.model, self.optimizer,
-                                                           options=_options(cpu_offload=True))
+            if _is_rankwise(self.optimizer):
+                out.optimizer_state = _map_state(self.optimizer, self.optimizer.state_dict(),
+                                                 _to_full)
+            else:
+                out.optimizer_state = get_optimizer_state_dict(
+                    self.model, self.optimizer, options=_options(cpu_offload=True))
         if dist.active():
             out.rng_ranks = dist.gather_tensors(torch.get_rng_state())
         return out

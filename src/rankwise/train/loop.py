@@ -194,7 +194,7 @@ def _run(config: PretrainConfig, data: PretrainData | None, tokenizer: Any | Non
         ckpt.check_compatible(ckpt.read_checkpoint_meta(found), config, found)
     check_log_dir(config.log_dir)
     dist.shard_rows(config.batch_size)  # refuse an uneven split before any work
-    fsdp.check(config, resume=found is not None)
+    fsdp.check(config)
     if data is None:
         data, tokenizer = prepare_data(config, tokenizer)
     model = build_model(config, data.vocab_size, tokenizer if data.vocab_map is None else None)
