@@ -207,6 +207,25 @@ def _load_task_data(config: FinetuneConfig, tokenizer: Any | None) -> TaskData:
                         eval_samples=config.eval_samples)
 
 
+def _adapted_model(config: FinetuneConfig, base: nn.Module | None, data: TaskData,
+                   found: Path | None) -> tuple[nn.Module, torch.device]:
+    """The task model with its adapters (fresh, or the checkpoint's), on this rank's device,
+    equal on every rank."""
+    model = build_model(config, base, getattr(data, "num_classes", None))
+    head = [n for n, _ in model.named_parameters() if n.startswith("head.")]
+    if found is not None:
+        ckpt.load_adapters(found, model, head)
+    else:
+        _adapt(config, model, data)
+        for name, p in model.named_parameters():
+            if name in head:
+                p.requires_grad_(True)
+    device = _device()
+    model.to(device)
+    dist.broadcast_parameters(model)
+    return model, device
+
+
 def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
          data: TaskData | None, resume: bool) -> FinetuneResult:
     from transformers import get_scheduler
@@ -222,18 +241,7 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
     check_log_dir(config.log_dir)
     dist.shard_rows(config.resolved_batch_size)  # refuse an uneven split before any work
     data = data if data is not None else _load_task_data(config, tokenizer)
-    model = build_model(config, base, getattr(data, "num_classes", None))
-    head = [n for n, _ in model.named_parameters() if n.startswith("head.")]
-    if found is not None:
-        ckpt.load_adapters(found, model, head)
-    else:
-        _adapt(config, model, data)
-        for name, p in model.named_parameters():
-            if name in head:
-                p.requires_grad_(True)
-    device = _device()
-    model.to(device)
-    dist.broadcast_parameters(model)
+    model, device = _adapted_model(config, base, data, found)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=config.resolved_warmup,

@@ -216,6 +216,21 @@ class HealStep:
         self.opt.zero_grad(set_to_none=True)
 
 
+def _check(model: nn.Module, method: Any, teacher: nn.Module | None, minutes: float,
+           max_steps: int | None) -> Any:
+    """The registry entry of `method`, after refusing bad arguments (before any work)."""
+    entry = _HEALING.get(method) if isinstance(method, str) and method in _HEALING else None
+    if entry is None or entry.target.loss is None:
+        raise ValueError(f"heal method must be one of {list(DEFAULT_LR)}, got {method!r}")
+    if entry.target.needs_teacher and teacher is None:
+        raise ValueError(f"heal method {method!r} needs the dense teacher model: pass teacher=")
+    if minutes <= 0 and not max_steps:
+        raise ValueError("healing needs a time budget (minutes > 0) or max_steps")
+    if not _factorized(model):
+        raise ValueError("the model has no factorised layers to heal: compress it first")
+    return entry
+
+
 def heal_(
     model: nn.Module,
     stream: torch.Tensor,
@@ -244,16 +259,8 @@ def heal_(
     loss.png there. Under ``torchrun`` each process heals on its shard of every batch (the
     batch size is global) with gradients averaged, so all replicas stay equal.
     """
-    entry = _HEALING.get(method) if isinstance(method, str) else None
-    if entry is None or entry.target.loss is None:
-        raise ValueError(f"heal method must be one of {list(DEFAULT_LR)}, got {method!r}")
+    entry = _check(model, method, teacher, minutes, max_steps)
     spec: HealMethod = entry.target
-    if spec.needs_teacher and teacher is None:
-        raise ValueError(f"heal method {method!r} needs the dense teacher model: pass teacher=")
-    if minutes <= 0 and not max_steps:
-        raise ValueError("healing needs a time budget (minutes > 0) or max_steps")
-    if not _factorized(model):
-        raise ValueError("the model has no factorised layers to heal: compress it first")
     dist.init()
     dist.shard_rows(batch_size)  # refuse an uneven split before any work
     lr = spec.lr if lr is None else lr
@@ -293,6 +300,8 @@ def heal_(
             spec.finish(model)
         for p in model.parameters():
             p.requires_grad_(False)
+    if outcome.interrupted:  # nothing to save: the caller's Ctrl-C stops it, model consistent
+        raise KeyboardInterrupt
     losses = runner.history["losses"]
     result.steps, result.tokens = outcome.done, outcome.done * batch_size * seq_len
     result.seconds = time.perf_counter() - task.start
