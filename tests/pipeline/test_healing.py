@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -109,3 +110,42 @@ def test_healing_input_errors(compressed, stream, make_llama):
         heal_(compressed, stream[:100], method="lowrank", max_steps=1, seq_len=64)
     with pytest.raises(ValueError, match="no factorised layers"):
         heal_(make_llama(VOCAB), stream, method="lowrank", max_steps=1)
+
+
+def test_healing_registry_and_pluggable_loss(make_llama):
+    from rankwise.compress import compress_
+    from rankwise.pipeline import heal_
+    from rankwise.pipeline.healing import lm_loss
+    from rankwise.registry import registry
+
+    assert registry("healing").names() == ["distill", "lora", "lowrank", "none"]
+    stream = torch.randint(0, 96, (4096,), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for loss_fn in (None, lambda m, ids, t, a: 2 * lm_loss(m, ids)):
+        model = make_llama(96)
+        compress_(model, "lord", 0.3, progress=False)
+        runs.append(heal_(model, stream, method="lowrank", minutes=0, max_steps=2, batch_size=2,
+                          seq_len=32, loss_fn=loss_fn))
+    # same model, same first batch: the plugged-in loss is exactly twice the LM loss
+    assert runs[1].curve[0][2] == pytest.approx(2 * runs[0].curve[0][2], rel=1e-6)
+    with pytest.raises(ValueError, match="heal method must be one of"):
+        heal_(model, stream, method="none", minutes=0, max_steps=1)
+
+
+def test_healing_ctrl_c_leaves_the_structure_and_reraises(make_llama, monkeypatch):
+    from rankwise.compress import compress_
+    from rankwise.pipeline import healing
+
+    model = make_llama(96)
+    compress_(model, "lord", 0.3, progress=False)
+    stream = torch.randint(0, 96, (4096,), generator=torch.Generator().manual_seed(0))
+
+    def interrupt(step, seconds, loss):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        healing.heal_(model, stream, method="lora", minutes=0, max_steps=5, batch_size=2,
+                      seq_len=32, lora_rank=2, on_step=interrupt)
+    assert not any(type(m).__name__ == "AdapterLayer" for m in model.modules())  # merged
+    assert not any(p.requires_grad for p in model.parameters())
