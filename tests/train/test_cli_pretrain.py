@@ -97,3 +97,30 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, tokenizer_dir, capsys, e
     err = capsys.readouterr().err
     assert err.startswith("rankwise pretrain: error:") and message in err
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(("command", "config_path"), [
+    ("pretrain", "rankwise.train.config:PretrainConfig"),
+    ("finetune", "rankwise.finetune.config:FinetuneConfig"),
+])
+def test_cli_flags_are_generated_from_the_config_fields(command, config_path):
+    """Every CLI field of the config is a flag whose default and help are the field's own, so a
+    default cannot be written twice (e.g. --eval-tokens, --keep-checkpoints)."""
+    import dataclasses
+    import importlib
+
+    from rankwise.cli import build_parser
+
+    module, _, name = config_path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    actions = {a.dest: a for a in sub._actions}
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    assert {"eval_tokens", "keep_checkpoints", "log_dir", "steps"} <= {f.name for f in fields}
+    for f in fields:
+        action = actions[f.name]
+        assert "--" + f.name.replace("_", "-") in action.option_strings, f.name
+        if f.default is not dataclasses.MISSING and not action.required:
+            assert action.default == f.default, f.name
+        assert f.metadata["help"].split("(")[0].strip()[:20] in action.help, f.name
