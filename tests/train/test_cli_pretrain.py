@@ -124,3 +124,23 @@ def test_cli_flags_are_generated_from_the_config_fields(command, config_path):
         if f.default is not dataclasses.MISSING and not action.required:
             assert action.default == f.default, f.name
         assert f.metadata["help"].split("(")[0].strip()[:20] in action.help, f.name
+
+
+def test_pretrain_ctrl_c_saves_once_and_exits_130(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import signal
+
+    from rankwise.train import loop
+
+    real = loop.batch_rows
+
+    def rows(step, *args):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real(step, *args)
+
+    monkeypatch.setattr(loop, "batch_rows", rows)
+    out = tmp_path / "run"
+    assert cli.main(_args("full", out, tokenizer_dir, "--save-every", "4")) == 130
+    assert "interrupted: saved step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert (out / "loss.png").is_file() and not (out / "final").exists()
