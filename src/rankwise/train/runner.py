@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Runner", "RunOutcome", "StepTask", "deferred_interrupt", "new_history"]
 
+_SAME_INTERRUPT_S = 2.0
+
 
 class StepTask(Protocol):
     """The per-task step functions the runner calls (see the module docstring)."""
@@ -68,16 +70,23 @@ def new_history() -> dict[str, list[Any]]:
 def deferred_interrupt() -> Iterator[list[bool]]:
     """While active, a first SIGINT (and, under a launcher, SIGTERM) only sets a flag (a truthy
     list) that the runner checks between steps; a second one raises KeyboardInterrupt.
-    Handlers are installed only in the main thread and restored on exit."""
-    flag: list[bool] = []
+    Handlers are installed only in the main thread and restored on exit.
+
+    A signal within `_SAME_INTERRUPT_S` of the first counts as the same one: on Ctrl-C in a
+    terminal every process of the foreground group gets SIGINT, and ``torchrun`` then forwards
+    its own SIGINT to the workers (and waits 30 s before SIGKILL), which must not skip the save."""
+    flag: list[float] = []
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if flag:
-            raise KeyboardInterrupt
-        flag.append(True)
+            if now - flag[0] > _SAME_INTERRUPT_S:
+                raise KeyboardInterrupt
+            return  # the launcher forwarding the terminal's Ctrl-C: the same interruption
+        flag.append(now)
         logger.warning("interrupted: finishing this step, then saving (interrupt again to stop "
                        "at once)")
 
