@@ -70,11 +70,14 @@ def scenario(name: str, root: Path) -> dict:
         return run_pretrain(out, name.split("_")[1])
     if name == "pretrain_fsdp":
         return run_pretrain(out, "galore", fsdp=dist.world_size() > 1)
-    if name in ("pretrain_resume", "pretrain_fsdp_resume"):  # stop at 2, resume on every rank
+    if name == "pretrain_fsdp_stop":  # a sharded checkpoint at step 2 for a 1-process resume
+        return run_pretrain(out, "galore", fsdp=dist.world_size() > 1, stop_after=2)
+    if name.startswith("pretrain_") and name.endswith("_resume"):  # stop at 2, resume
         from rankwise.train.loop import pretrain
 
-        kw = {"method": "full"} if name == "pretrain_resume" else {
-            "method": "galore", "fsdp": dist.world_size() > 1}
+        method = {"pretrain_resume": "full", "pretrain_fsdp_resume": "galore",
+                  "pretrain_fsdp_full_resume": "full"}[name]
+        kw = {"method": method, "fsdp": "fsdp" in name and dist.world_size() > 1}
         pretrain(pretrain_config(out, stop_after=2, **kw), data=pretrain_data())
         r = pretrain(pretrain_config(out, **kw), data=pretrain_data(), resume=True)
         return {"losses": r.losses, "resumed_from": r.resumed_from}

@@ -50,8 +50,11 @@ def _close(a: list[float], b: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def pretrain_runs(tmp_path_factory):
-    return _torchrun(tmp_path_factory.mktemp("two"), "pretrain_full", "pretrain_resume",
-                     "pretrain_fsdp", "pretrain_fsdp_resume")
+    out = tmp_path_factory.mktemp("two")
+    runs = _torchrun(out, "pretrain_full", "pretrain_resume", "pretrain_fsdp",
+                     "pretrain_fsdp_resume", "pretrain_fsdp_full_resume", "pretrain_fsdp_stop")
+    runs["root"] = out
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,27 @@ def test_fsdp2_galore_equals_one_process_and_resumes_exactly(pretrain_runs, tmp_
     resumed = pretrain_runs["pretrain_fsdp_resume"]
     assert resumed["resumed_from"] == 2
     assert resumed["losses"] == pretrain_runs["pretrain_fsdp"]["losses"]
+    full = pretrain_runs["pretrain_fsdp_full_resume"]  # torch AdamW's DTensor state
+    assert full["resumed_from"] == 2
+    assert _close(full["losses"], pretrain_runs["pretrain_full"]["losses"]) < TOL
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(pretrain_runs, tmp_path):
+    """The FSDP2 checkpoint has the unsharded layout: one process continues it on the
+    1-process curve."""
+    from rankwise.train.loop import pretrain
+
+    out = pretrain_runs["root"] / "pretrain_fsdp_stop"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = pretrain(dist_worker.pretrain_config(out, method="galore"),
+                           data=dist_worker.pretrain_data(), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    one = _one_process(tmp_path, "pretrain_fsdp")
+    assert resumed.resumed_from == 2 and resumed.processes == 1
+    assert _close(one["losses"], resumed.losses) < TOL
 
 
 def test_finetune_and_healing_two_processes_equal_one(task_runs, tmp_path):

@@ -9,8 +9,9 @@ is all-gathered, every rank computes the same low-rank update and keeps its own 
 methods that keep dense ``nn.Linear`` weights are sharded (full, galore, fira); the layer
 methods replace parameters during training and run replicated.
 
-A checkpoint always holds *full* tensors (torch.distributed.checkpoint.state_dict with
-``full_state_dict``), so it resumes on any number of processes, sharded or not. `StateAccess`
+A checkpoint always holds *full* tensors (the model through torch.distributed.checkpoint's
+``full_state_dict``, the optimizer state gathered by hand, below) in the layout of an unsharded
+run, so it resumes on any number of processes, sharded or not. `StateAccess`
 hides the difference from the loop: `collect` runs the collectives on every rank,
 `model_view` / `optimizer_view` give rank 0 objects whose ``state_dict()`` is the gathered
 state, and `model_loader` / `optimizer_loader` load a full state back into the shards.
@@ -93,18 +94,20 @@ class _OptimizerLoader:
         self.param_groups = optimizer.param_groups
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if _is_rankwise(self.optimizer):
-            self.optimizer.load_state_dict(_map_state(self.optimizer, state, _to_local))
-            return
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        as_dtensor = not _is_rankwise(self.optimizer)  # torch's optimizers keep DTensor state
 
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=_options())
+        def place(value: torch.Tensor, param: torch.Tensor, projected: bool) -> torch.Tensor:
+            return _to_local(value, param, projected, as_dtensor=as_dtensor)
+
+        self.optimizer.load_state_dict(_map_state(self.optimizer, state, place))
 
 
-# rankwise's optimizers keep a sharded parameter's elementwise state as plain tensors of the
-# local shard's shape and a projected parameter's state (low-rank moments, projector) whole on
-# every rank (rankwise.optim.distributed); torch's full-state helpers would save only rank 0's
-# shard of the former and shard the latter on load, so these two functions do it by hand.
+# A sharded parameter's elementwise optimizer state is a DTensor (torch's optimizers) or a plain
+# tensor of the local shard's shape (rankwise's, rankwise.optim.distributed); a projected
+# parameter's state (low-rank moments, projector) is whole on every rank. torch's full-state
+# helpers would save only rank 0's shard of rankwise's moments and shard the projector on load,
+# so the state is gathered and placed by hand, keyed by parameter index as in an unsharded run
+# (a checkpoint resumes sharded or not).
 _PROJECTED = ("proj_seed", "proj_basis")
 
 
@@ -140,11 +143,19 @@ def _to_full(value: torch.Tensor, param: torch.Tensor, projected: bool) -> torch
     return value.cpu()
 
 
-def _to_local(value: torch.Tensor, param: torch.Tensor, projected: bool) -> torch.Tensor:
+def _to_local(value: torch.Tensor, param: torch.Tensor, projected: bool, *,
+              as_dtensor: bool) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
     from rankwise.optim.distributed import is_dtensor, shard_like
 
-    if is_dtensor(param) and not projected and tuple(value.shape) == tuple(param.shape):
-        return shard_like(value.to(param.to_local().device), param).clone()
+    if is_dtensor(param) and not projected and tuple(value.shape) == tuple(param.shape) \
+            and value.dim() > 0:
+        part = shard_like(value.to(param.to_local().device), param).clone()
+        if as_dtensor:
+            return DTensor.from_local(part, param.device_mesh, param.placements, run_check=False,
+                                      shape=param.shape, stride=param.stride())
+        return part
     return value
 
 
@@ -164,18 +175,10 @@ class StateAccess:
         """Run on every rank: gather full states (sharded) and the per-rank RNG states."""
         out = Collected()
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             out.model_state = get_model_state_dict(self.model, options=_options(cpu_offload=True))
-            if _is_rankwise(self.optimizer):
-                out.optimizer_state = _map_state(self.optimizer, self.optimizer.state_dict(),
-                                                 _to_full)
-            else:
-                out.optimizer_state = get_optimizer_state_dict(
-                    self.model, self.optimizer, options=_options(cpu_offload=True))
+            out.optimizer_state = _map_state(self.optimizer, self.optimizer.state_dict(), _to_full)
         if dist.active():
             out.rng_ranks = dist.gather_tensors(torch.get_rng_state())
         return out
