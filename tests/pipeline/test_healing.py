@@ -121,7 +121,7 @@ def test_healing_registry_and_pluggable_loss(make_llama):
     assert registry("healing").names() == ["distill", "lora", "lowrank", "none"]
     stream = torch.randint(0, 96, (4096,), generator=torch.Generator().manual_seed(0))
     runs = []
-    for loss_fn in (None, lambda m, ids, t, a: 2 * lm_loss(m, ids)):
+    for loss_fn in (None, lambda m, ids: 2 * lm_loss(m, ids)):
         model = make_llama(96)
         compress_(model, "lord", 0.3, progress=False)
         runs.append(heal_(model, stream, method="lowrank", minutes=0, max_steps=2, batch_size=2,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,13 +216,13 @@ class HealStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _check(model: nn.Module, method: Any, teacher: nn.Module | None, minutes: float,
+def _check(model: nn.Module, method: Any, has_teacher: bool, minutes: float,
            max_steps: int | None) -> Any:
     """The registry entry of `method`, after refusing bad arguments (before any work)."""
     entry = _HEALING.get(method) if isinstance(method, str) and method in _HEALING else None
     if entry is None or entry.target.loss is None:
         raise ValueError(f"heal method must be one of {list(DEFAULT_LR)}, got {method!r}")
-    if entry.target.needs_teacher and teacher is None:
+    if entry.target.needs_teacher and not has_teacher:  # a custom loss_fn brings its own
         raise ValueError(f"heal method {method!r} needs the dense teacher model: pass teacher=")
     if minutes <= 0 and not max_steps:
         raise ValueError("healing needs a time budget (minutes > 0) or max_steps")
@@ -246,7 +246,8 @@ def heal_(
     distill_alpha: float = 1.0,
     seed: int = 0,
     on_step: Callable[[int, float, float], None] | None = None,
-    loss_fn: LossFn | None = None,
+    batches: Iterator[torch.Tensor] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     log_dir: str | None = None,
 ) -> HealResult:
     """Fine-tune `model`'s factorised layers in place on `stream` (1-D token ids) within `minutes`.
@@ -254,12 +255,13 @@ def heal_(
     Stops at the deadline or after `max_steps`, whichever comes first (`minutes=0` with
     `max_steps`: steps only). LoRA adapters are merged into the factors before returning, so the
     model has exactly the structure it came with. `on_step(step, seconds, loss)` reports progress.
-    `method` is a name of registry("healing"); `loss_fn(model, ids, teacher, distill_alpha)`
-    replaces its loss (pluggable distillation losses). `log_dir`: TensorBoard scalars and
+    `method` is a name of registry("healing"); `batches` (an iterator of (batch, seq_len) ids)
+    replaces the windows of `stream`, and `loss_fn(model, ids)` the method's loss (pluggable
+    distillation losses: rankwise.pipeline.distill). `log_dir`: TensorBoard scalars and
     loss.png there. Under ``torchrun`` each process heals on its shard of every batch (the
     batch size is global) with gradients averaged, so all replicas stay equal.
     """
-    entry = _check(model, method, teacher, minutes, max_steps)
+    entry = _check(model, method, teacher is not None or loss_fn is not None, minutes, max_steps)
     spec: HealMethod = entry.target
     dist.init()
     dist.shard_rows(batch_size)  # refuse an uneven split before any work
@@ -270,9 +272,10 @@ def heal_(
     params = [p for p in model.parameters() if p.requires_grad]
     result = HealResult(method=entry.name, lr=lr, trainable=sum(p.numel() for p in params))
     budget = minutes * 60 if minutes > 0 else float("inf")
-    task = HealStep(model, params, loss_fn or spec.loss, teacher=teacher,
-                    distill_alpha=distill_alpha, lr=lr,
-                    batches=_batches(stream, batch_size, seq_len, seed), budget=budget,
+    loss = spec.loss if loss_fn is None else (lambda m, ids, t, a: loss_fn(m, ids))
+    task = HealStep(model, params, loss, teacher=teacher, distill_alpha=distill_alpha, lr=lr,
+                    batches=_batches(stream, batch_size, seq_len, seed) if batches is None
+                    else batches, budget=budget,
                     max_steps=max_steps, batch_size=batch_size)
 
     def keep_going(steps: int, elapsed: float, step_time: float) -> bool:
