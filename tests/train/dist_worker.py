@@ -89,6 +89,19 @@ def scenario(name: str, root: Path) -> dict:
                              out=str(out), save_every=2)
         r = finetune(cfg, base=tiny_llama(), data=lm_data())
         return {"losses": r.history["losses"], "evals": r.history["evals"], "steps": r.steps}
+    if name.startswith("finetune_full"):  # full fine-tuning, GaLore, FSDP2 on several ranks
+        from rankwise.finetune import FinetuneConfig, finetune
+
+        kw = {"model": "tiny", "task": "python-docs", "method": "full", "rank": 4, "steps": 4,
+              "batch_size": 4, "seq_len": 12, "lr": 1e-2, "warmup_steps": 1, "eval_every": 2,
+              "progress": False, "out": str(out), "save_every": 2, "optimizer": "galore_adamw",
+              "fsdp": dist.world_size() > 1}
+        if name.endswith("resume"):
+            finetune(FinetuneConfig(**kw, stop_after=2), base=tiny_llama(), data=lm_data())
+        r = finetune(FinetuneConfig(**kw), base=tiny_llama(), data=lm_data(),
+                     resume=name.endswith("resume"))
+        return {"losses": r.history["losses"], "steps": r.steps, "resumed_from": r.resumed_from,
+                "files": sorted(p.name for p in out.iterdir())}
     if name == "heal":
         from rankwise.compress import compress_
         from rankwise.pipeline import heal_

@@ -59,7 +59,8 @@ def pretrain_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_runs(tmp_path_factory):
-    return _torchrun(tmp_path_factory.mktemp("two"), "finetune", "heal", "interrupt")
+    return _torchrun(tmp_path_factory.mktemp("two"), "finetune", "heal", "interrupt",
+                     "finetune_full", "finetune_full_resume")
 
 
 def test_pretrain_two_processes_equal_one(pretrain_runs, tmp_path):
@@ -117,6 +118,16 @@ def test_finetune_and_healing_two_processes_equal_one(task_runs, tmp_path):
         one, two = _one_process(tmp_path, name), task_runs[name]
         assert two["rank_results"] == [4, 4], name
         assert _close(one["losses"], two["losses"]) < TOL, name
+
+
+def test_full_finetuning_with_galore_under_fsdp2(task_runs, tmp_path):
+    """Full fine-tuning (every weight) with the GaLore preset, FSDP2-sharded on 2 processes:
+    the 1-process curve, a bit-exact resume from the gathered checkpoint, the model exported."""
+    one = _one_process(tmp_path, "finetune_full")
+    two, resumed = task_runs["finetune_full"], task_runs["finetune_full_resume"]
+    assert _close(one["losses"], two["losses"]) < TOL
+    assert resumed["resumed_from"] == 2 and resumed["losses"] == two["losses"]
+    assert "model.safetensors" in two["files"] and "adapter" not in two["files"]
 
 
 def test_ctrl_c_on_one_rank_stops_all_and_saves_once(task_runs):

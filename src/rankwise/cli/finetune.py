@@ -63,10 +63,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from rankwise.adapt import list_methods
     from rankwise.finetune import finetune
+    from rankwise.finetune.config import FULL
     from rankwise.train.dist import is_main
 
-    if args.method not in list_methods():
-        raise ValueError(f"unknown method {args.method!r}: choose one of {list_methods()}")
+    if args.method not in (*list_methods(), FULL):
+        raise ValueError(f"unknown method {args.method!r}: choose one of {list_methods()} or "
+                         f"{FULL!r}")
     config = config_from_args(args)
     try:
         result = finetune(config, resume=args.resume)

@@ -13,7 +13,10 @@ from typing import Any
 
 from rankwise.config import Config, option
 
-__all__ = ["RUN_CONTROL_FIELDS", "TASKS", "FinetuneConfig"]
+__all__ = ["FULL", "RUN_CONTROL_FIELDS", "TASKS", "FinetuneConfig"]
+
+#: the method name of full fine-tuning (every weight trains, no adapter)
+FULL = "full"
 
 #: task -> (metric, default target modules per model family, default seq_len, default lr)
 TASKS: dict[str, dict[str, Any]] = {
@@ -24,7 +27,7 @@ TASKS: dict[str, dict[str, Any]] = {
 # Fields that steer how a run is watched and stored, not its trajectory.
 RUN_CONTROL_FIELDS = frozenset(
     {"out", "save_every", "keep_checkpoints", "stop_after", "eval_every", "initial_eval",
-     "progress", "log_dir"}
+     "progress", "log_dir", "fsdp"}
 )
 
 
@@ -56,8 +59,9 @@ class FinetuneConfig(Config):
                         cli=False)
     task: str = option(help="fortunes (topic classification) or python-docs (causal LM)",
                        choices=tuple(TASKS))
-    method: str = option("lora", "adapter method (rankwise.adapt.list_methods())")
-    rank: int = option(8, "adapter rank r")
+    method: str = option("lora", "adapter method (rankwise.adapt.list_methods()), or full "
+                         "(every weight trains; no adapter)")
+    rank: int = option(8, "adapter rank r (full: the optimizer preset's projection rank)")
     target_modules: list[str] | str | None = option(
         None, "layers to adapt (PEFT vocabulary: names, suffixes, a regex, all-linear; None: "
         "the attention query and value projections)", cli=False)
@@ -75,6 +79,8 @@ class FinetuneConfig(Config):
     warmup_steps: int | None = option(
         None, "linear warmup steps (None: 10%% of steps), then linear decay to 0")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    optimizer: str = option("adamw", "adamw (torch AdamW) or a rankwise.optim preset "
+                            "(galore_adamw, fira, ...) over the trainable tensors")
     grad_clip: float = option(1.0, "gradient-norm clipping (0 disables)")
     # data size
     train_tokens: int = option(131_072, "python-docs train tokens used (a prefix of the split)")
@@ -90,6 +96,8 @@ class FinetuneConfig(Config):
     eval_every: int | None = option(None, "evaluation period (None: steps / 5)")
     initial_eval: bool = option(True, "score the model before training too")
     log_dir: str | None = option(None, "TensorBoard directory (loss, lr, tokens/s, metric)")
+    fsdp: bool = option(False, "method full under a launcher: shard weights, gradients and "
+                        "optimizer state with FSDP2")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -122,6 +130,15 @@ class FinetuneConfig(Config):
             raise ValueError(f"method_args must be a dict, got {type(self.method_args).__name__}")
         if "rank" in self.method_args:
             raise ValueError("give the rank with rank= (--rank), not in method_args (--arg)")
+        if self.fsdp and self.method != FULL:
+            raise ValueError(f"fsdp shards full fine-tuning (method {FULL!r}); adapters are small "
+                             f"and train replicated: drop --fsdp for method {self.method!r}")
+        if self.optimizer != "adamw":
+            from rankwise.optim import PRESETS
+
+            if self.optimizer not in PRESETS:
+                raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adamw or one of "
+                                 f"{sorted(PRESETS)}")
         if self.warmup_steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
 

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.finetune import full
 from rankwise.finetune import state as ckpt
-from rankwise.finetune.config import TASKS, FinetuneConfig
+from rankwise.finetune.config import FULL, TASKS, FinetuneConfig
 from rankwise.finetune.tasks import (
     TaskData,
     TopicClassifier,
@@ -49,6 +50,7 @@ from rankwise.finetune.tasks import (
 )
 from rankwise.io import write_json
 from rankwise.train import dist
+from rankwise.train.fsdp import StateAccess
 from rankwise.train.runner import Runner
 
 logger = logging.getLogger(__name__)
@@ -176,9 +178,13 @@ class FinetuneStep:
     def set_lr(self, step: int) -> float:
         return float(self.scheduler.get_last_lr()[0])  # the scheduler sets it after each step
 
-    def forward(self, step: int) -> torch.Tensor:
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This rank's shard of the batch of `step`, on the device."""
         batch = task_batch(self.data, step, self.batch_size, self.config.seed)
-        return task_loss(self.model, {k: v[self.shard].to(self.device) for k, v in batch.items()})
+        return {k: v[self.shard].to(self.device) for k, v in batch.items()}
+
+    def forward(self, step: int) -> torch.Tensor:
+        return task_loss(self.model, self.batch(step))
 
     def update(self, step: int, loss: torch.Tensor) -> None:
         loss.backward()
@@ -213,9 +219,12 @@ def _adapted_model(config: FinetuneConfig, base: nn.Module | None, data: TaskDat
     equal on every rank."""
     model = build_model(config, base, getattr(data, "num_classes", None))
     head = [n for n, _ in model.named_parameters() if n.startswith("head.")]
+    if config.method == FULL:
+        full.make_trainable(model)
+        head = [n for n, _ in model.named_parameters()]  # every weight is a trainable extra
     if found is not None:
         ckpt.load_adapters(found, model, head)
-    else:
+    elif config.method != FULL:
         _adapt(config, model, data)
         for name, p in model.named_parameters():
             if name in head:
@@ -223,6 +232,8 @@ def _adapted_model(config: FinetuneConfig, base: nn.Module | None, data: TaskDat
     device = _device()
     model.to(device)
     dist.broadcast_parameters(model)
+    if config.fsdp and dist.active():
+        full.shard(model)
     return model, device
 
 
@@ -243,7 +254,8 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
     data = data if data is not None else _load_task_data(config, tokenizer)
     model, device = _adapted_model(config, base, data, found)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
+    optimizer = full.build_optimizer(config, model, param_groups(model, config))
+    states = StateAccess(model, optimizer, sharded=config.fsdp and dist.active())
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=config.resolved_warmup,
                               num_training_steps=config.steps)
     rules = adapt.attach_rules(model, optimizer, total_steps=config.steps)
@@ -253,9 +265,12 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
                             total_parameters=sum(p.numel() for p in model.parameters()),
                             processes=dist.world_size())
     task = FinetuneStep(config, model, data, optimizer, scheduler, device)
+    if states.sharded:
+        full.initialise(model, task.batch(0))
     start = 0
     if found is not None:
-        loaded = ckpt.load_into(found, optimizer=optimizer, scheduler=scheduler, rules=rules)
+        loaded = ckpt.load_into(found, optimizer=states.optimizer_loader(), scheduler=scheduler,
+                                rules=rules)
         start, result.history = loaded["step"], loaded["history"]
         result.initial_metric = result.history.get("initial_metric")
         result.resumed_from = start
@@ -266,16 +281,17 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
         result.history["initial_metric"] = result.initial_metric
     history = result.history
 
-    def save(step: int, rng_ranks: Any) -> Path:
-        return ckpt.save(out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                         rules=rules, config=config, history=history,
-                         keep=config.keep_checkpoints, rng_ranks=rng_ranks)
+    def save(step: int, collected: Any) -> Path:
+        return ckpt.save(out, step=step, model=model, optimizer=states.optimizer_view(collected),
+                         scheduler=scheduler, rules=rules, config=config, history=history,
+                         keep=config.keep_checkpoints, rng_ranks=collected.rng_ranks,
+                         extras=full.full_state(model, collected) if states.sharded else None)
 
     runner = Runner(
         total_steps=config.steps, desc=f"finetune {config.method} on {config.task}",
         history=history, eval_fn=lambda step: {metric_name: evaluate(model, data, **eval_kw)},
         eval_every=config.resolved_eval_every, save_fn=save if out is not None else None,
-        collect_fn=ckpt.collect_rank_rng, save_every=config.save_every,
+        collect_fn=states.collect, save_every=config.save_every,
         tokens_per_step=config.resolved_batch_size * config.resolved_seq_len,
         log_dir=config.log_dir, png=out / "loss.png" if out is not None else None,
         progress=config.progress, nonfinite_hint=f"lower --lr (now {config.resolved_lr})")
@@ -293,8 +309,12 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
             runner.save(done)
         result.checkpoint = str(runner.last_saved)
 
+        final = states.collect(done) if result.completed and states.sharded else None
+
         def publish() -> None:
-            if result.completed:
+            if result.completed and config.method == FULL:
+                full.export_full(model, out, final)
+            elif result.completed:
                 _export(model, out)
             write_json(out / "result.json", result.to_dict())
 

@@ -51,7 +51,6 @@ __all__ = [
     "FORMAT",
     "checkpoint_dirs",
     "checkpoint_to_resume",
-    "collect_rank_rng",
     "extra_trainable",
     "latest_checkpoint",
     "load_into",
@@ -106,11 +105,13 @@ def save(
     history: dict[str, Any],
     keep: int = 2,
     rng_ranks: list[torch.Tensor] | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``out/checkpoints/step-{step:06d}`` atomically; keep the newest `keep`.
 
-    `rng_ranks`: every process's torch RNG state (`collect_rank_rng`) in a multi-process run,
-    so each rank resumes its own dropout stream."""
+    `rng_ranks`: every process's torch RNG state in a multi-process run (rankwise.train.fsdp.StateAccess),
+    so each rank resumes its own dropout stream. `extras`: the trainable tensors outside the
+    adapters when they are not the model's own (gathered from FSDP2 shards)."""
     state = {
         "optimizer": _unwrap(optimizer).state_dict(),
         "scheduler": _unwrap(scheduler).state_dict(),
@@ -125,24 +126,22 @@ def save(
             "config": config.to_dict(), "state": tree}
 
     def fill(tmp: Path) -> None:
-        save_adapter(model, tmp / "adapter")
-        extras = {n: p.detach() for n, p in extra_trainable(model).items()}
-        save_tensors(tmp / "trainable.safetensors", extras)
+        if adapter_layers(model):  # full fine-tuning has none: every weight is an extra
+            save_adapter(model, tmp / "adapter")
+        others = extras if extras is not None else {
+            n: p.detach() for n, p in extra_trainable(model).items()}
+        save_tensors(tmp / "trainable.safetensors", others)
         save_tensors(tmp / "state.safetensors", tensors)
         write_json(tmp / "state.json", meta)  # last: marks the checkpoint complete
 
     return write_checkpoint_dir(out, step, fill, keep=keep)
 
 
-def collect_rank_rng(step: int) -> list[torch.Tensor] | None:
-    """Every rank's torch RNG state (a collective: call on all ranks), None for one process."""
-    return dist.gather_tensors(torch.get_rng_state()) if dist.active() else None
-
-
 def load_adapters(path: str | os.PathLike[str], model: nn.Module,
                   extras: list[str]) -> None:
     """Put the checkpoint's adapters on the (unadapted) `model` and make `extras` trainable."""
-    load_adapter(model, Path(path) / "adapter", trainable=True)
+    if (Path(path) / "adapter").is_dir():
+        load_adapter(model, Path(path) / "adapter", trainable=True)
     params = dict(model.named_parameters())
     saved = load_tensors(Path(path) / "trainable.safetensors")
     if sorted(saved) != sorted(extras):
