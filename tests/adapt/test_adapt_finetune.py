@@ -248,3 +248,29 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tmp_path, monkeypatch):
     a, b = _trainable(straight.model), _trainable(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert resumed.history["losses"] == straight.history["losses"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore_adamw"])
+def test_full_finetuning_resumes_exactly_with_either_optimizer(tmp_path, optimizer):
+    """Method full trains every weight (no adapter); a rankwise preset replaces AdamW; resume is
+    bit-exact and the finished run writes the whole model."""
+    kw = {"method": "full", "optimizer": optimizer, "rank": 4}
+    straight = _run("python-docs", tmp_path / "a", **kw)
+    _run("python-docs", tmp_path / "b", stop_after=3, **kw)
+    resumed = _run("python-docs", tmp_path / "b", resume=True, **kw)
+    a, b = _trainable(straight.model), _trainable(resumed.model)
+    assert len(a) == len(list(straight.model.parameters()))  # every weight trained
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed.history["losses"] == straight.history["losses"]
+    assert not (tmp_path / "a" / "adapter").exists()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert all(torch.equal(saved[n], a[n]) for n in a)
+
+
+def test_full_finetuning_options_are_checked():
+    with pytest.raises(ValueError, match="fsdp shards full fine-tuning"):
+        _config("python-docs", fsdp=True)
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        _config("python-docs", method="full", optimizer="adamx")
