@@ -237,6 +237,32 @@ def _adapted_model(config: FinetuneConfig, base: nn.Module | None, data: TaskDat
     return model, device
 
 
+def _finish(result: FinetuneResult, runner: Runner, done: int, config: FinetuneConfig,
+            model: nn.Module, data: TaskData, eval_kw: dict[str, int], states: StateAccess,
+            out: Path | None) -> None:
+    """The final metric, the last checkpoint, the export and result.json (rank 0 writes)."""
+    metric_name, history = result.metric_name, result.history
+    evals = history["evals"]
+    result.metric = (evals[-1][metric_name] if evals and evals[-1]["step"] == done
+                     else evaluate(model, data, **eval_kw))
+    if out is not None:
+        if not runner.saved_at(done):
+            runner.save(done)
+        result.checkpoint = str(runner.last_saved)
+
+        final = states.collect(done) if result.completed and states.sharded else None
+
+        def publish() -> None:
+            if result.completed and config.method == FULL:
+                full.export_full(model, out, final)
+            elif result.completed:
+                _export(model, out)
+            write_json(out / "result.json", result.to_dict())
+
+        dist.on_rank0(publish)
+    runner.finish()
+
+
 def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
          data: TaskData | None, resume: bool) -> FinetuneResult:
     from transformers import get_scheduler
@@ -301,24 +327,6 @@ def _run(config: FinetuneConfig, base: nn.Module | None, tokenizer: Any | None,
     done = outcome.done
     result.steps, result.completed, result.interrupted = done, done == config.steps, \
         outcome.interrupted
-    evals = history["evals"]
-    result.metric = (evals[-1][metric_name] if evals and evals[-1]["step"] == done
-                     else evaluate(model, data, **eval_kw))
-    if out is not None:
-        if not runner.saved_at(done):
-            runner.save(done)
-        result.checkpoint = str(runner.last_saved)
-
-        final = states.collect(done) if result.completed and states.sharded else None
-
-        def publish() -> None:
-            if result.completed and config.method == FULL:
-                full.export_full(model, out, final)
-            elif result.completed:
-                _export(model, out)
-            write_json(out / "result.json", result.to_dict())
-
-        dist.on_rank0(publish)
-    runner.finish()
+    _finish(result, runner, done, config, model, data, eval_kw, states, out)
     result.model = model
     return result

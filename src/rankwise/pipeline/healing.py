@@ -305,11 +305,15 @@ def heal_(
             p.requires_grad_(False)
     if outcome.interrupted:  # nothing to save: the caller's Ctrl-C stops it, model consistent
         raise KeyboardInterrupt
-    losses = runner.history["losses"]
     result.steps, result.tokens = outcome.done, outcome.done * batch_size * seq_len
     result.seconds = time.perf_counter() - task.start
+    _loss_windows(result, runner.history["losses"])
+    return result
+
+
+def _loss_windows(result: HealResult, losses: list[float]) -> None:
+    """Mean loss of the first and last windows (a quarter of the steps, 1 to 10)."""
     k = max(1, min(10, len(losses) // 4))
     if losses:
         result.loss_first = sum(losses[:k]) / k
         result.loss_last = sum(losses[-k:]) / k
-    return result
