@@ -1,4 +1,4 @@
-"""The tiny model every adapter contract runs on: one layer of each kind an adapter can wrap.
+"""The tiny models the contracts run on. Adapters: one layer of each kind an adapter can wrap.
 
 Embedding -> Linear -> HF Conv1D -> LayerNorm, and a Conv2d on a second input: 4 adaptable
 layers, ~1.5k parameters, fp64 so that identities hold to ~1e-12.
@@ -58,3 +58,19 @@ def assert_same(got, want, *, rtol: float, atol: float, what: str) -> None:
     for g, w, head in zip(got, want, ("token head", "conv head"), strict=True):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, h=head: f"{what} "
                                    f"({h}): {m}")
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-block Llama (hidden 48, vocab 96) from a config: the compressors' toy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calibration_ids() -> torch.Tensor:
+    """(12, 24) token ids: 288 calibration tokens (compress_ asks for at least 128)."""
+    return torch.randint(0, 96, (12, 24), generator=torch.Generator().manual_seed(7))
