@@ -6,7 +6,8 @@ each kind the method supports (Embedding, Linear, HF Conv1D, Conv2d), in fp64:
 * no-op at init: the adapted model computes the base model's outputs (exceptions below);
 * merge / unmerge: the merged forward equals the unmerged one, unmerge restores the stored
   base weight, `merge_and_unload` leaves plain modules computing the adapted outputs;
-* disable = base: inside `disable_adapter` the outputs are the original model's;
+* disable = base: inside `disable_adapter` the outputs are the original model's, merged or
+  not (a merged model is merged again on exit);
 * unload: `unload_` gives back the original modules and weights (PiSSA-style residual bases
   included);
 * save / load: a trained adapter saved and loaded onto a fresh base computes the same outputs,
@@ -165,6 +166,11 @@ def test_disable_gives_the_base_model_and_unload_restores_it(name):
     with adapt.disable_adapter(model):
         assert_same(run(model, batch()), ref, rtol=RTOL, atol=ATOL, what=f"{name} disabled")
     assert_same(run(model, batch()), want, rtol=0, atol=0, what=f"{name} after disable")
+    adapt.merge_(model)  # disabling a merged model unmerges, then merges back on exit
+    with adapt.disable_adapter(model):
+        assert_same(run(model, batch()), ref, rtol=1e-7, atol=1e-9, what=f"{name} merged+disabled")
+    assert all(layer.merged for layer in adapt.adapter_layers(model).values())
+    assert_same(run(model, batch()), want, rtol=1e-7, atol=1e-9, what=f"{name} merged again")
     adapt.unload_(model)
     assert not adapt.adapter_layers(model)
     for layer in KINDS:
