@@ -52,21 +52,24 @@ class NotANoop:
 #: THE table of methods that are not a no-op at init by design (the only exceptions).
 NOT_A_NOOP_AT_INIT: dict[str, NotANoop] = {
     "lora_xs": NotANoop(
-        "LoRA-XS (Bałazy et al. 2024, §3): R ~ N(0, r_std²) with r_std = 1e-5, so the start "
-        "is ~σ₁·r_std away from W; init='zero' is the exact no-op",
+        "LoRA-XS (Bałazy et al., arXiv 2405.17604): W + s·B R A with B, A from the SVD of W "
+        "and R ~ N(0, r_std²), r_std = 1e-5: the start is ~σ₁·r_std away from W; "
+        "init='zero' (R = 0) is the exact no-op",
         {"init": "zero"}),
     "lora_sb": NotANoop(
-        "LoRA-SB (Ponkshe et al. 2024, §3): the init is W + s·B R A, the best rank-r "
-        "approximation of the first full fine-tuning update; noop_init=True stores "
-        "W − s·B R₀ A as the base instead",
+        "LoRA-SB (Ponkshe, Singhal et al., arXiv 2411.19557): the init is W + s·B R A, the "
+        "best rank-r approximation of the first full fine-tuning update −lr·sign(Σ g); "
+        "noop_init=True stores W − s·B R₀ A as the base instead",
         {"noop_init": True}),
     "salt": NotANoop(
-        "SALT (Elsayed et al. 2025, eq. 3): the public code draws X, Y ~ N(0, 0.01²), so "
-        "U ReLU(S') Vᵀ starts ~1e-4 away from W; init='noop' sets Y = 0",
+        "SALT (singular value adaptation with a low-rank transformation, BioMedIA-MBZUAI): "
+        "W' = U ReLU(S') Vᵀ with the tail block diag(σ) + X Y, and the public code draws "
+        "X, Y ~ N(0, 0.01²), so W' starts ~1e-4 away from W; init='noop' sets Y = 0",
         {"init": "noop"}),
     "increlora": NotANoop(
-        "IncreLoRA (Zhang et al. 2023, §3.2 advance learning): the reserve block's E_res is "
-        "fixed at 1e-5 so its directions pre-train; advance_learn=False freezes E_res = 0",
+        "IncreLoRA (Zhang et al., arXiv 2308.12043, advance learning): the reserve block's "
+        "E_res is fixed at 1e-5 so its directions pre-train before they are activated; "
+        "advance_learn=False keeps E_res = 0",
         {"advance_learn": False}),
 }
 

@@ -34,8 +34,9 @@ RATIO = 0.4
 #: THE table of methods whose parameter count goes beyond the factors, with the reason and the
 #: exact extra count per targeted (out, in) layer: the ratio is honoured net of it.
 EXTRA_PARAMETERS = {
-    "afm": ("AFM (Yu & Wu 2023, §3): the output-feature mean is folded into a bias of `out` "
-            "entries per layer, beyond the rank-r factors", lambda out, _in: out),
+    "afm": ("AFM (atomic feature mimicking, Yu & Wu, AAAI 2023): PCA of the layer's outputs, "
+            "y ≈ U Uᵀ (W x + b − μ) + μ, so the mean μ becomes a bias of `out` entries per "
+            "layer beyond the rank-r factors", lambda out, _in: out),
 }
 
 _CACHE: dict[tuple[str, float], tuple] = {}

@@ -63,13 +63,13 @@ EXACT = Fidelity("an exact reparameterisation of W", lambda w: 1e-5)
 NOT_EXACT_AT_CONVERSION: dict[str, Fidelity] = {
     "factorized": Fidelity("the rank-r truncated SVD: error = the discarded singular values "
                            "(Eckart–Young)", lambda w: eckart_young(w) * (1 + 1e-4)),
-    "lost": Fidelity("LOST (Li et al. 2025, §3.1): rank-r SVD part + a sparse residual on some "
-                     "channels: no worse than the rank-r truncation", lambda w: eckart_young(w)
-                     * (1 + 1e-4)),
-    "monarch": Fidelity("Monarch (Dao et al. 2022, Thm. 1): the Frobenius projection onto "
-                        "Monarch matrices, a cone containing 0: closer to W than 0 is",
-                        lambda w: 1.0),
-    "sltrain": Fidelity("SLTrain (Han et al. 2024, §3): pretrains from scratch; the dense "
+    "lost": Fidelity("LOST (Li et al. 2025, \"Low-rank and Sparse Pre-training\"): the top-r "
+                     "SVD part plus a sparse part on some channels of the residual: no worse "
+                     "than the rank-r truncation", lambda w: eckart_young(w) * (1 + 1e-4)),
+    "monarch": Fidelity("Monarch (Dao et al., ICML 2022): the closed-form Frobenius "
+                        "projection onto Monarch matrices, a set containing 0: no farther "
+                        "from W than 0 is", lambda w: 1.0),
+    "sltrain": Fidelity("SLTrain (Han et al., NeurIPS 2024): pretrains from scratch; the dense "
                         "weight and bias are not used, any error is allowed", lambda w: float("inf"),
                         keeps_bias=False),
 }
