@@ -1,5 +1,8 @@
-"""AdaLoRA (adapters.md §12): cubic budget schedule, global masking of the lowest-importance
-triplets, importance EMA, orthogonality penalty, no silent degradation, T-tests."""
+"""AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512; ΔW = P Λ Q with importance-masked Λ):
+cubic budget schedule, global masking of the lowest-importance triplets, importance EMA,
+orthogonality penalty ‖PᵀP − I‖ + ‖QQᵀ − I‖, no silent degradation without the rules.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""ALLoRA (adapters.md §15): no α/dropout, gradient × c(‖θ‖), monotone, T-init/merge/count."""
+"""ALLoRA (arXiv 2410.09692; y = W x + B A x, no α and no dropout): gradients scaled by
+c(‖θ‖) = 1/√(‖θ‖² + 1/η²) per row or matrix, a larger norm gives a smaller step, count r(m + n).
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Block-LoRA (adapters.md §17): forward = rank-r/n LoRA with Σ B_i, equal blocks stay equal,
-the parameter count d_out·r + (r/n)·d_in."""
+"""Block-LoRA (Zhou et al., arXiv 2501.16720): forward = rank-r/n LoRA with Σ B_i, equal blocks
+stay equal, the parameter count d_out·r + (r/n)·d_in.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

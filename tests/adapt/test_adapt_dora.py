@@ -1,4 +1,7 @@
-"""DoRA (adapters.md §2): magnitude init on PEFT's axis, T-init, T-merge, the detached norm."""
+"""DoRA (Liu et al., ICML 2024, arXiv 2402.09353; W' = m ⊙ (W + sBA) / ‖W + sBA‖_row):
+magnitude init on PEFT's axis, the decomposed forward and merged weight, the detached norm.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

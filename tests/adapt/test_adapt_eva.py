@@ -1,6 +1,8 @@
-"""EVA (adapters.md §18): A = top right-singular vectors of the centred activations (checked
-against a direct SVD), ranks redistributed by explained variance, scale α/r, T-init / T-merge /
-T-count, save/load with data-chosen ranks."""
+"""EVA (Paischer et al., arXiv 2410.07170): A = top right-singular vectors of the centred
+activations (checked against a direct SVD), ranks redistributed by explained variance, scale α/r,
+save/load with data-chosen ranks (rank 0 included).
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""FLoRA (adapters.md §22): N = 2 formula, conv output = conv with the Tucker ΔW, full Tucker rank
-represents any conv delta (orthonormal HOSVD factors), T-init / T-count / T-merge, save/load."""
+"""FLoRA (Si, Wang et al., arXiv 2405.14739; ΔW = s · G ×₁ U⁽¹⁾ … ×_N U⁽ᴺ⁾): the N = 2 formula,
+conv output = conv with the Tucker ΔW, full Tucker rank represents any conv delta (orthonormal
+HOSVD factors), Kaiming factor init.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def test_conv_output_is_the_conv_with_the_tucker_delta(perturb):
     adapt.adapt_(model, "flora", rank=2, kernel_rank=2, dropout=0.0, target_modules=["c", "s", "p"])
     base, xs = convs(), conv_inputs(model)
     with torch.no_grad():
-        for name, layer in model.items():  # T-init
+        for name, layer in model.items():  # no-op at init
             torch.testing.assert_close(layer(xs[name]), base[name](xs[name]), rtol=1e-6, atol=0)
     perturb(model)
     with torch.no_grad():

@@ -1,5 +1,8 @@
-"""IncreLoRA (adapters.md §14): rank growth by importance up to the target, the optimizer gets the
-new tensors, growth without advance learning keeps the output, the score formula, T-tests."""
+"""IncreLoRA (Zhang et al., arXiv 2308.12043): rank growth by importance up to the target, the
+optimizer gets the new tensors, growth without advance learning keeps the output, the score
+formula, counts / merge / save after growth, exact resume.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""LoLDU (adapters.md §8): P L U = W, unit factors, exact no-op, z-only training, zero pivots."""
+"""LoLDU (arXiv 2410.13618; W = P L U, W_eff = W_res + σ P L_r diag(z) Ũ_r): P L U = W, unit
+triangular factors, z-only training, the permuted fast path, zero pivots.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

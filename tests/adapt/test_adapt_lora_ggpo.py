@@ -1,5 +1,8 @@
-"""LoRA-GGPO (adapters.md §20): the perturbation scale formula and its empirical variance, the
-perturbation is gone after the step, none in eval mode, the gradient norms feed the next step."""
+"""LoRA-GGPO (Chang et al., arXiv 2502.14538): the perturbation scale formula and its empirical
+variance, the perturbation is gone after the step, none in eval mode, the gradient norms feed
+the next step.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

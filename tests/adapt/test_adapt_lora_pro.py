@@ -1,5 +1,7 @@
-"""LoRA-Pro (adapters.md §19): the rewritten gradients give the projected full gradient, the
-Sylvester X, full-rank recovery, finiteness at B = 0, the rule in an optimizer step, T-tests."""
+"""LoRA-Pro (arXiv 2407.18242): the rewritten gradients give the projected full gradient, the
+Sylvester X, full-rank recovery, finiteness at B = 0, the rule in an optimizer step.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

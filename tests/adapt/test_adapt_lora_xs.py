@@ -1,4 +1,7 @@
-"""LoRA-XS (adapters.md §4a): SVD bases, best rank-r approximation, init bound, R-only training."""
+"""LoRA-XS (Bałazy et al., arXiv 2405.17604; ΔW = s · B R A, B and A from the SVD of W): SVD
+bases, best rank-r approximation at R = I, the init's spectral bound, R-only training.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""MoS (adapters.md §16): all-private MoS = LoRA, shards sit where the index says, shared pools
-counted once (T-count = pools + private), T-init / T-merge, save/load keeps the sharing."""
+"""MoS (Wang et al., ICLR 2025, arXiv 2410.00938): all-private MoS = LoRA, shards sit where the
+index says, shared pools counted once (pools + private), save/load keeps the sharing.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

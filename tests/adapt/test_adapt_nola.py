@@ -1,4 +1,7 @@
-"""NOLA (adapters.md §5): seeded regenerable bases, custom backward, memory, T-init/count/merge."""
+"""NOLA (Koohpayegani et al., ICLR 2024, arXiv 2310.02556; A = Σ α_i A_i, B = Σ β_j B_j over
+seeded random bases): count k + l, seeded regenerable bases, chunking, custom backward, memory.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

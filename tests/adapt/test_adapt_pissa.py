@@ -1,4 +1,7 @@
-"""PiSSA (adapters.md §3): residual + top-r part = W, singular values, α-invariance, restore."""
+"""PiSSA (Meng et al., arXiv 2404.02948; W = W_res + s B A with s B A the top-r SVD part):
+residual + top-r part = W, singular values, α-invariance, the layer's delta over the original.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

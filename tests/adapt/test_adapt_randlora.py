@@ -1,4 +1,7 @@
-"""RandLoRA (adapters.md §6): full-rank ΔW, formula, custom backward, regeneration, T-tests."""
+"""RandLoRA (arXiv 2502.00987; ΔW = (α/r) Σ_i B_i Λ_i A Γ_i over shared random bases): full-rank
+ΔW, the formula, shared bases regenerated bit for bit, custom backward.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

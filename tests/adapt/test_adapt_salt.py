@@ -1,4 +1,8 @@
-"""SALT (adapters.md §10): identity point, exact singular-value shifts, regularizer, T-tests."""
+"""SALT (singular value adaptation with a low-rank transformation; W' = U ReLU(S') Vᵀ): the
+identity point, exact singular-value shifts and scales, the element-wise ReLU, the regularizer
+as a rule, save/load recomputing the SVD.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

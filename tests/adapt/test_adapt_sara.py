@@ -1,6 +1,8 @@
-"""SaRA (adapters.md §21): mask = {|w| < threshold}, T-init with w (not |w|), gradients and
-updates only at masked positions, nuclear-norm gradient reaches the values, progressive
-re-selection exactly at progressive_iter, sparse save/load."""
+"""SaRA (Hu, Zhang, Yi et al., progressive sparse low-rank adaptation): mask = {|w| < threshold}
+with w's signs, gradients and updates only at masked positions, nuclear-norm gradient reaches
+the values, progressive re-selection exactly at progressive_iter, sparse save/load.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SoRA (adapters.md §11): proximal gate step and L1 term via the rules, pruning, T-tests."""
+"""SoRA (Ding et al., EMNLP 2023; y = W x + s B (g ⊙ A x)): the proximal gate step and the L1
+term via the rules, gates not weight-decayed, pruning zero gates gives an equal plain LoRA.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

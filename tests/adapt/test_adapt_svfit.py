@@ -1,4 +1,7 @@
-"""SVFit (adapters.md §9): exact no-op, orthonormal bases, spectrum of W_eff, energy rule."""
+"""SVFit (fine-tuning the top-r singular values; W_eff = W_res + U diag(σ) Vᵀ): W_eff = W at init,
+orthonormal bases, spectrum of W_eff, σ-only training, the energy rule for ranks.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

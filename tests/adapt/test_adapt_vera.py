@@ -1,4 +1,7 @@
-"""VeRA (adapters.md §7): shared sliced bases equal PEFT's, regeneration, T-init/merge/count."""
+"""VeRA (Kopiczko et al., arXiv 2310.11454; ΔW = Λ_b B Λ_d A over shared frozen random A, B):
+shared sliced bases equal PEFT's, regeneration, first gradients, count r + out.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
