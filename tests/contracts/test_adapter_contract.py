@@ -109,7 +109,7 @@ def perturb(model: Toy, scale: float = 0.1) -> None:
     with torch.no_grad():
         for layer in adapt.adapter_layers(model).values():
             for p in layer.adapter.parameters():
-                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
 
 def trained(name: str) -> Toy:
