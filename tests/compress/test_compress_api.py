@@ -1,4 +1,5 @@
-"""compress_ on a tiny Llama: exact ratio accounting, every method, bad input, save/load/generate."""
+"""compress_ on a tiny Llama: exact ratio accounting, allocations, bad input, save/load/generate
+(what every method must satisfy is tests/contracts/test_compressor_contract.py)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def test_ratio_accounting_is_exact(llama, calib_ids):
     assert "targeted layers" in report.summary() and "whole model" in report.summary()
 
 
-@pytest.mark.parametrize("method,allocation", [
-    ("lord", None), ("asvd", None), ("fwsvd", None), ("svd-llm", "budget"), ("welore", None),
-    ("drank", None), ("afm", None), ("svd-llm-update", None), ("svd-llm-seq", "energy")])
-def test_every_method_compresses_and_runs(method, allocation, calib_ids):
+@pytest.mark.parametrize("method,allocation", [("svd-llm", "budget"), ("svd-llm-seq", "energy")])
+def test_other_allocations_compress_and_run(method, allocation, calib_ids):
+    """Each method at its default allocation is in tests/contracts/test_compressor_contract.py;
+    here the allocations that combine with any method."""
     model = tiny_llama()
     report = compress_(model, method, 0.25, allocation=allocation, calibration=calib_ids, progress=False)
     assert report.params_model_after < report.params_model_before
