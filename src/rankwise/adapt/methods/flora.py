@@ -66,8 +66,9 @@ def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     """G ×₁ U⁽¹⁾ … ×_N U⁽ᴺ⁾: the full tensor (d₁, …, d_N) of a Tucker decomposition."""
     out = core
     for mode, U in enumerate(factors):
-        # mode product: contract axis `mode` of `out` with the columns of U (d_n, r_n)
-        out = torch.movedim(torch.tensordot(out, U, dims=([mode], [1])), -1, mode)
+        # mode product: contract axis `mode` of `out` with the columns of U (d_n, r_n); U in
+        # out's dtype, which autocast lowers after the first product (tensordot needs one dtype)
+        out = torch.movedim(torch.tensordot(out, U.to(out.dtype), dims=([mode], [1])), -1, mode)
     return out
 
 
