@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Self, TypeVar
 
-__all__ = ["Config", "add_arguments", "from_args", "option"]
+__all__ = ["Config", "add_arguments", "field_help", "from_args", "option"]
 
 C = TypeVar("C", bound="Config")
 _MISSING = dataclasses.MISSING
@@ -84,8 +84,45 @@ class Config:
 
     @classmethod
     def help_text(cls, name: str) -> str:
-        """The help text of field `name`."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
+        """The help text of field `name`: its `option` help, else its line in the docstring's
+        ``Attributes:`` section (of this class or the nearest base that documents it)."""
+        return field_help(cls)[name]
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: help}`` for every field of dataclass `cls` (see `Config.help_text`)."""
+    documented: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # nearer classes override their bases
+        documented.update(_docstring_attributes(vars(klass).get("__doc__")))
+    return {f.name: f.metadata.get("help") or documented.get(f.name, "")
+            for f in dataclasses.fields(cls)}
+
+
+def _docstring_attributes(doc: str | None) -> dict[str, str]:
+    """Entries of a Google-style ``Attributes:`` section, continuation lines joined."""
+    found: dict[str, str] = {}
+    lines = (doc or "").expandtabs().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Attributes:"]
+    if not starts:
+        return found
+    header = lines[starts[0]]
+    base = len(header) - len(header.lstrip())
+    entry_indent, current = None, []
+    for line in lines[starts[0] + 1:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= base:
+            break  # the section ended
+        key, sep, text = line.strip().partition(":")
+        names = [k.strip() for k in key.split(",")]  # "beta1, beta2: ..." documents both
+        if entry_indent in (None, indent) and sep and all(n.isidentifier() for n in names):
+            entry_indent, current = indent, names
+            found.update(dict.fromkeys(names, text.strip()))
+        else:
+            for name in current:
+                found[name] = f"{found[name]} {line.strip()}".strip()
+    return found
 
 
 def check_keys(cls: type, values: typing.Mapping[str, Any]) -> None:
@@ -105,14 +142,14 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
     `defaults` overrides a field's default on this command line only (e.g. a subcommand with a
     different preset). Booleans become ``--flag/--no-flag``; tuples take several values.
     """
-    skip, hints = set(exclude), typing.get_type_hints(cls)
+    skip, hints, helps = set(exclude), typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True) or not f.init:
             continue
         default = (defaults or {}).get(f.name, _field_default(f))
         kind, nargs = _cli_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": default,
-                                  "help": f"{f.metadata.get('help', '')} (default: %(default)s)"}
+                                  "help": f"{helps[f.name]} (default: %(default)s)"}
         choices = _choices(cls, f)
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

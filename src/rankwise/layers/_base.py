@@ -24,9 +24,9 @@ no optimizer state; index sets (SLTrain's support, SST's sampled columns) are bu
 
 from __future__ import annotations
 
-import importlib
 import logging
 import numbers
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.linalg._checks import validate_rank
+from rankwise.registry import canonical_name, registry
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +51,50 @@ __all__ = [
     "to_factorized_",
 ]
 
-# method name -> "module:class" (imported on first use, so importing this file stays cheap)
-LAYER_METHODS: dict[str, str] = {
-    "factorized": "rankwise.layers.factorized:FactorizedLinear",
-    "relora": "rankwise.layers.relora:ReLoRALinear",
-    "sltrain": "rankwise.layers.sltrain:SLTrainLinear",
-    "lost": "rankwise.layers.lost:LOSTLinear",
-    "sst": "rankwise.layers.sst:SSTLinear",
-    "maestro": "rankwise.layers.maestro:MaestroLinear",
-    "trp": "rankwise.layers.trp:TRPLinear",
-    "monarch": "rankwise.layers.monarch:MonarchLinear",
-}
+# The built-in layer methods, registered lazily (imported on first use, so importing this file
+# stays cheap) in the one `rankwise.registry` under kind "layer".
+_BUILTIN = (
+    ("factorized", "rankwise.layers.factorized:FactorizedLinear",
+     "dense linear replaced by two matmuls y = B (A x) + b (the form compression produces)"),
+    ("relora", "rankwise.layers.relora:ReLoRALinear",
+     "ReLoRA: frozen W plus a low-rank update merged and restarted periodically"),
+    ("sltrain", "rankwise.layers.sltrain:SLTrainLinear",
+     "SLTrain: sparse (fixed random support) plus low-rank weight"),
+    ("lost", "rankwise.layers.lost:LOSTLinear",
+     "LOST: dominant SVD part plus a channel-wise sparse part"),
+    ("sst", "rankwise.layers.sst:SSTLinear",
+     "Sparse Spectral Training: all singular values, a sampled few singular vectors trained"),
+    ("maestro", "rankwise.layers.maestro:MaestroLinear",
+     "Maestro: low-rank factors ordered by ordered dropout, truncatable after training"),
+    ("trp", "rankwise.layers.trp:TRPLinear",
+     "Trained Rank Pruning: dense weight projected to low rank during training"),
+    ("monarch", "rankwise.layers.monarch:MonarchLinear",
+     "Monarch: product of two block-diagonal factors with a fixed permutation"),
+)
+for _name, _target, _summary in _BUILTIN:
+    registry("layer").register(_name, _target, summary=_summary)
+
+
+class _LayerMethods(Mapping[str, Any]):
+    """Read-only ``{name: target}`` view of ``registry("layer")`` (the former LAYER_METHODS
+    dict of ``"module:Class"`` strings; targets registered as classes appear as classes)."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in registry("layer"):
+            raise KeyError(name)
+        return registry("layer").get(name).target
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry("layer").names())
+
+    def __len__(self) -> int:
+        return len(registry("layer"))
+
+    def __repr__(self) -> str:
+        return f"LAYER_METHODS({dict(self)!r})"
+
+
+LAYER_METHODS: Mapping[str, Any] = _LayerMethods()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -232,11 +266,10 @@ class ParameterizedLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- model level
 def get_layer_class(method: str) -> type[nn.Module]:
-    """The layer class of a method name (see LAYER_METHODS)."""
-    if not isinstance(method, str) or method.lower() not in LAYER_METHODS:
+    """The layer class of a method name registered in ``registry("layer")`` (dashes allowed)."""
+    if not isinstance(method, str):
         raise ValueError(f"unknown layer method {method!r}: choose one of {sorted(LAYER_METHODS)}")
-    module_name, _, attr = LAYER_METHODS[method.lower()].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    return registry("layer").get(method).load()
 
 
 def _is_converted(module: nn.Module) -> bool:
@@ -304,7 +337,7 @@ def convert_(
     from rankwise.surgery import find_modules, replace_module
 
     cls = get_layer_class(method)
-    method = method.lower()
+    method = canonical_name(method)
     done = converted_layers(model)
     inside = tuple(name + "." for name in done)
     already = (

@@ -122,7 +122,9 @@ def budget_schedule(step: int, *, total: int, tinit: int, tfinal: int, init_budg
     return int((init_budget - target_budget) * frac**3 + target_budget)
 
 
-@register_method("adalora")
+@register_method(
+    "adalora", summary="AdaLoRA (Zhang et al. 2023): SVD-form LoRA, rank budget reallocated by importance"
+)
 class AdaLoRA(AdapterMethod):
     """P diag(Λ) Q update with importance-driven masking of the triplets (P_i, Λ_i, Q_i)."""
 

@@ -85,7 +85,9 @@ class ALLoRAConfig(MethodConfig):
             raise ValueError(f"granularity must be 'row' or 'matrix', got {self.granularity!r}")
 
 
-@register_method("allora")
+@register_method(
+    "allora", summary="ALLoRA (Huang & Balestriero 2024): LoRA with a norm-scaled adaptive learning rate"
+)
 class ALLoRA(AdapterMethod):
     """A (r, in), B (out, r) trainable, unscaled; gradients scaled by c(‖θ‖)."""
 

@@ -70,7 +70,9 @@ class BlockLoRAConfig(MethodConfig):
         return self.rank // self.n_blocks
 
 
-@register_method("block_lora")
+@register_method(
+    "block_lora", summary="Block-LoRA: one shared down-projection, n up-projection blocks"
+)
 class BlockLoRA(AdapterMethod):
     """Shared A_s (r/n, in) and blocks B (n, out, r/n), all trainable."""
 

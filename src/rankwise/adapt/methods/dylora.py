@@ -69,7 +69,9 @@ def sample_rank(config: DyLoRAConfig, step: int) -> int:
     return int(torch.randint(config.min_rank, config.rank + 1, (1,), generator=gen))
 
 
-@register_method("dylora")
+@register_method(
+    "dylora", summary="DyLoRA (Valipour et al. 2023): one LoRA trained for every rank b <= r at once"
+)
 class DyLoRA(LoRABase):
     """LoRA whose first b ranks form a rank-b adapter for every b (scale α/b)."""
 

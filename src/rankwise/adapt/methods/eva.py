@@ -157,7 +157,9 @@ def eva_allocation(stats: dict[str, Any], shapes: dict[str, tuple[int, int]], ra
     return EVAAllocation(ranks, comps, svals, ratios)
 
 
-@register_method("eva")
+@register_method(
+    "eva", summary="EVA (Paischer et al. 2024): LoRA initialised from activation PCA, data-driven ranks"
+)
 class EVA(LoRABase):
     """LoRA initialised from activation PCA with data-driven per-layer ranks (needs data=)."""
 

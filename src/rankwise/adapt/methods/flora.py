@@ -71,7 +71,9 @@ def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     return out
 
 
-@register_method("flora")
+@register_method(
+    "flora", summary="FLoRA (Si et al. 2024): low-rank Tucker update keeping a weight's N-d structure"
+)
 class FLoRA(AdapterMethod):
     """Trainable Tucker core G and factors U⁽ⁿ⁾ (``U_0`` … ``U_{N-1}``, dims [in, out, k…])."""
 

@@ -118,7 +118,9 @@ class IncreLoRAConfig(MethodConfig):
         return self.add_rank if self.add_rank is not None else ADD_RANK[self.target_rank]
 
 
-@register_method("increlora")
+@register_method(
+    "increlora", summary="IncreLoRA (Zhang et al. 2023): SVD-form LoRA whose rank grows by importance"
+)
 class IncreLoRA(AdapterMethod):
     """SVD-form adapter stored as blocks that grow by `add_rank` ranks at importance events."""
 

@@ -75,7 +75,9 @@ def ldu_factors(weight: torch.Tensor, rank: int, dtype: torch.dtype
     return perm, L[:, :rank].to(dtype), unit, d.to(dtype)
 
 
-@register_method("loldu")
+@register_method(
+    "loldu", summary="LoLDU (Shi et al. 2024): train the diagonal of an LDU factorisation of W"
+)
 class LoLDU(AdapterMethod):
     """Trainable diagonal z (r,) between frozen P, L_r and unit-diagonal Ũ_r; residual base."""
 

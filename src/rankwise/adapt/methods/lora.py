@@ -104,11 +104,14 @@ class LoRABase(AdapterMethod):
         return base_out + self.lora_branch(x, geo).to(base_out.dtype)
 
 
-@register_method("lora")
+@register_method(
+    "lora", summary="LoRA (Hu et al. 2021): trainable low-rank update B A scaled by alpha/r"
+)
 class LoRA(LoRABase):
     """Low-rank adaptation; the ``rslora`` preset sets ``use_rslora=True``."""
 
     config_cls = LoRAConfig
 
 
-register_method("rslora", LoRA, use_rslora=True)
+register_method("rslora", LoRA, summary="LoRA scaled by α/√r instead of α/r (rsLoRA, Kalajdzievski 2023)",
+                use_rslora=True)

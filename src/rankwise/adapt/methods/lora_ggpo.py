@@ -66,7 +66,9 @@ def perturbation_std(weight_rows: torch.Tensor, grad_rows: torch.Tensor, rho: fl
     return rho * (mix * weight_rows + (1.0 - mix) * grad_rows) / math.sqrt(in_features)
 
 
-@register_method("lora_ggpo")
+@register_method(
+    "lora_ggpo", summary="LoRA-GGPO (Chang et al. 2025): LoRA under a gradient-guided weight perturbation"
+)
 class LoRAGGPO(LoRABase):
     """LoRA with a per-step random perturbation of the merged weight while training."""
 

@@ -60,7 +60,9 @@ class LoRASBConfig(LoRAXSConfig):
             raise ValueError(f"init_lr must be a finite number > 0, got {self.init_lr!r}")
 
 
-@register_method("lora_sb")
+@register_method(
+    "lora_sb", summary="LoRA-SB (Ponkshe et al. 2024): LoRA-XS initialised from the first full-FT step"
+)
 class LoRASB(LoRAXS):
     """LoRA-XS whose B, R, A are the truncated SVD of the estimated first full-FT update."""
 

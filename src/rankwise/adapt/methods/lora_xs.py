@@ -64,7 +64,9 @@ class LoRAXSConfig(MethodConfig):
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
-@register_method("lora_xs")
+@register_method(
+    "lora_xs", summary="LoRA-XS (Bałazy et al. 2024): trainable r x r matrix between frozen SVD bases"
+)
 class LoRAXS(AdapterMethod):
     """Frozen A (r, in), B (out, r); trainable R (r, r); forward base + s·B R A x."""
 

@@ -119,7 +119,9 @@ def route(n_slots: int, n_shards: int, generator: torch.Generator) -> torch.Tens
     return torch.cat(perms)[:n_slots]
 
 
-@register_method("mos")
+@register_method(
+    "mos", summary="MoS (Wang et al. 2025): LoRA assembled from shards of shared pools"
+)
 class MoS(AdapterMethod):
     """Pool-assembled LoRA: pools (owner layer only), private rows, fixed shard indices."""
 

@@ -94,7 +94,8 @@ class NOLAConfig(MethodConfig):
 
     Attributes:
         rank: r of the generated LoRA factors.
-        num_basis_A: k, random bases of A. num_basis_B: l, random bases of B.
+        num_basis_A: k, random bases of A.
+        num_basis_B: l, random bases of B.
         alpha: α; the branch is scaled by α/r.
         dropout: dropout probability on the adapter input (training only).
         chunk: bases generated at once (memory/speed trade-off; results do not depend on it).
@@ -117,7 +118,9 @@ class NOLAConfig(MethodConfig):
         check_probability("dropout", self.dropout)
 
 
-@register_method("nola")
+@register_method(
+    "nola", summary="NOLA (Koohpayegani et al. 2024): LoRA factors as combinations of random bases"
+)
 class NOLA(AdapterMethod):
     """Trainable coefficients α (k,), β (l,) of seeded random bases of A and B."""
 

@@ -48,7 +48,9 @@ class PiSSAConfig(LoRAConfig):
             raise ValueError(f"niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
 
 
-@register_method("pissa")
+@register_method(
+    "pissa", summary="PiSSA (Meng et al. 2024): LoRA from the top singular triplets, residual base"
+)
 class PiSSA(LoRABase):
     """LoRA initialised from the top-r singular triplets; the base holds the residual."""
 

@@ -127,7 +127,9 @@ class RandLoRAConfig(MethodConfig):
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
 
 
-@register_method("randlora")
+@register_method(
+    "randlora", summary="RandLoRA (Albert et al. 2025): full-rank update from scaled shared random bases"
+)
 class RandLoRA(AdapterMethod):
     """Trainable λ (r, n), γ (n, d_min) scaling n shared random rank-r bases."""
 

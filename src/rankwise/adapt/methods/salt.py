@@ -73,7 +73,9 @@ def canonical_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return U * signs, S, Vh * signs[:, None]
 
 
-@register_method("salt")
+@register_method(
+    "salt", summary="SALT: scale/shift of the top singular values plus LoRA on the rest"
+)
 class SALT(AdapterMethod):
     """Scale/shift of the top-r singular values + LoRA on the rest of the spectrum."""
 

@@ -94,7 +94,9 @@ def default_lr(threshold: float) -> float:
     return 1e-3 * math.exp(-350.0 * threshold)
 
 
-@register_method("sara")
+@register_method(
+    "sara", summary="SaRA (Hu et al. 2024): train the small-magnitude pretrained weights, sparse"
+)
 class SaRA(AdapterMethod):
     """Trainable values v of the masked positions; buffers: mask indices and frozen deltas."""
 

@@ -75,7 +75,9 @@ def soft_threshold(g: torch.Tensor, lam: float, *, official: bool = False) -> to
     return torch.where(g.abs() < lam, torch.zeros_like(g), g)
 
 
-@register_method("sora")
+@register_method(
+    "sora", summary="SoRA (Ding et al. 2023): LoRA with a proximally sparsified gate between A and B"
+)
 class SoRA(LoRABase):
     """LoRA with a trainable gate g (r,) between A and B, sparsified by a proximal step."""
 

@@ -46,7 +46,9 @@ class SVFitConfig(MethodConfig):
             raise ValueError(f"energy must be None or in (0, 1] (e.g. 0.99), got {self.energy!r}")
 
 
-@register_method("svfit")
+@register_method(
+    "svfit", summary="SVFit: fine-tune the top-r singular values of W over a residual base"
+)
 class SVFit(AdapterMethod):
     """Trainable singular values σ' (r,) over frozen U_r, V_rᵀ and a residual base."""
 

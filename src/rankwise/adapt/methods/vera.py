@@ -83,7 +83,9 @@ def vera_bases(key: int, rank: int, out_max: int, in_max: int, *, dtype: torch.d
     return flat[:n_a].view(rank, in_max), flat[n_a:].view(out_max, rank)
 
 
-@register_method("vera")
+@register_method(
+    "vera", summary="VeRA (Kopiczko et al. 2024): trainable scaling vectors around shared random A, B"
+)
 class VeRA(AdapterMethod):
     """Trainable scaling vectors d (r,), b (out,) around shared frozen random A, B."""
 
