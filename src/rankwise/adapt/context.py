@@ -31,6 +31,7 @@ from torch import nn
 
 from rankwise.adapt.geometry import Geometry
 from rankwise.calibrate import causal_lm_loss
+from rankwise.linalg import make_generator
 
 
 def layer_seed(seed: int, fqn: str) -> int:
@@ -62,7 +63,7 @@ class InitContext:
         self.geometry = geometry
         self.seed = seed
         self._data = data
-        self.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, fqn))
+        self.generator = make_generator(layer_seed(seed, fqn))
         self._weight: torch.Tensor | None = None
         self._svd: dict[tuple[int | None, int | None], tuple[torch.Tensor, ...]] = {}
 

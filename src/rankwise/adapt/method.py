@@ -67,6 +67,7 @@ from torch import nn
 
 from rankwise.adapt.geometry import Geometry
 from rankwise.config import Config, option
+from rankwise.linalg import validate_rank
 from rankwise.registry import Registry, registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -150,14 +151,16 @@ class AdapterMethod(nn.Module):
         self.train_forwards = 0
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def check_rank(self, rank: int, *, limit: int | None = None) -> None:
-        """Raise ValueError unless 1 <= rank <= min(out, in) (or `limit`)."""
-        limit = min(self.out_features, self.in_features) if limit is None else limit
+    def check_rank(self, rank: int, *, limit: int | None = None) -> int:
+        """Raise unless 1 <= rank <= min(out, in) of this layer, or <= `limit` where the method's
+        own bound is tighter (`rankwise.linalg.validate_rank`); returns the rank."""
+        if limit is None:
+            return validate_rank(rank, self.out_features, self.in_features)
+        rank = validate_rank(rank, self.out_features, self.in_features)
         if rank > limit:
-            raise ValueError(
-                f"rank {rank} exceeds min(m, n) = {limit} of a ({self.out_features}, "
-                f"{self.in_features}) layer: choose rank <= {limit}"
-            )
+            raise ValueError(f"rank {rank} exceeds this method's limit {limit} for a "
+                             f"({self.out_features}, {self.in_features}) layer: choose rank <= {limit}")
+        return rank
 
     @staticmethod
     def param_dtype(geometry: Geometry) -> torch.dtype:

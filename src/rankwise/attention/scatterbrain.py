@@ -30,6 +30,7 @@ import math
 import torch
 
 from rankwise.attention.features import log_features
+from rankwise.linalg import compute_dtype
 
 __all__ = [
     "combine",
@@ -44,7 +45,7 @@ _NEG = float("-inf")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return compute_dtype(x.dtype)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

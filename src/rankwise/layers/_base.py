@@ -33,8 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.linalg._checks import validate_rank
+from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator, validate_rank
 from rankwise.registry import canonical_name, registry
+
+# The shared helpers live in rankwise.linalg; these names are kept for the layer modules:
+# check_rank(rank, m, n) checks 1 <= rank <= min(m, n); cpu_generator(seed) is a CPU generator
+# (None: the global RNG); work_dtype is the compute dtype (fp64 stays fp64, else fp32).
+check_rank = validate_rank
+cpu_generator = make_generator
+work_dtype = compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,9 @@ __all__ = [
     "ParameterizedLinear",
     "check_fraction",
     "check_rank",
+    "cpu_generator",
+    "kaiming_uniform",
+    "work_dtype",
     "convert_",
     "converted_layers",
     "get_layer_class",
@@ -98,11 +108,6 @@ LAYER_METHODS: Mapping[str, Any] = _LayerMethods()
 
 
 # ----------------------------------------------------------------------------- validation
-def check_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
-    """1 <= rank <= min(m, n) for an (m, n) = (out, in) weight; returns it as int."""
-    return validate_rank(rank, m, n, name)
-
-
 def check_fraction(value: object, name: str, what: str) -> float:
     """A fraction strictly inside (0, 1); `what` says what it is the fraction of."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -129,28 +134,6 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
             "the linear weight contains NaN or Inf: check the checkpoint / a diverged step"
         )
     return weight
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for factorisation and dense products (fp64 stays fp64), design rule 5."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def cpu_generator(seed: int | torch.Generator | None) -> torch.Generator | None:
-    """A CPU generator from a seed (None -> torch's global RNG). Draws happen on CPU, then move."""
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    return gen
-
-
-def kaiming_uniform(
-    shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """nn.Linear's default init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in**0.5
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
 # ----------------------------------------------------------------------------- base class
@@ -240,7 +223,7 @@ class ParameterizedLinear(nn.Module):
                 f"{type(self).__name__} has no natural rank: pass to_factorized(rank=...) "
                 "or use to_dense()"
             )
-        rank = check_rank(rank, self.out_features, self.in_features)
+        rank = validate_rank(rank, self.out_features, self.in_features)
         ref = next(self.parameters())
         with torch.no_grad():
             U, S, Vh = linalg.truncated_svd(self._dense_weight_fp32(), rank)
@@ -250,7 +233,7 @@ class ParameterizedLinear(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _dense_weight_fp32(self) -> torch.Tensor:
-        return self.dense_weight().to(work_dtype(next(self.parameters()).dtype))
+        return self.dense_weight().to(compute_dtype(next(self.parameters()).dtype))
 
     def _copy_bias_(self, linear: nn.Linear) -> None:
         if self.bias is not None and linear.bias is not None:
@@ -353,7 +336,7 @@ def convert_(
     targets = {n: m for n, m in found.items() if not n.startswith(inside)}
     if not targets:
         raise ValueError(already)
-    generator = cpu_generator(seed)
+    generator = make_generator(seed)
     new: dict[str, nn.Module] = {}
     for fqn, linear in targets.items():
         layer = _build(cls, method, linear, {**kwargs, "generator": generator})

@@ -26,13 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    check_fraction,
-    check_rank,
-    linear_weight,
-    work_dtype,
-)
+from rankwise.layers._base import ParameterizedLinear, check_fraction, check_rank, linear_weight
+from rankwise.linalg import compute_dtype
 
 __all__ = ["LOSTLinear"]
 
@@ -129,7 +124,7 @@ class LOSTLinear(ParameterizedLinear):
             ):
                 raise ValueError(f"channels must be an int in [0, {total}], got {channels!r}")
             k = channels
-        work = weight.detach().to(work_dtype(weight.dtype))
+        work = weight.detach().to(compute_dtype(weight.dtype))
         U, S, Vh = linalg.truncated_svd(work, rank)
         B, A = linalg.split_factors(U, S, Vh)
         residual = work - B @ A  # (out, in): the tail sum_{i>r} s_i u_i v_i^T

@@ -29,13 +29,8 @@ import math
 import torch
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    cpu_generator,
-    kaiming_uniform,
-    linear_weight,
-    work_dtype,
-)
+from rankwise.layers._base import ParameterizedLinear, linear_weight
+from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator
 
 __all__ = ["MonarchLinear", "monarch_shapes", "project_monarch"]
 
@@ -82,7 +77,7 @@ def project_monarch(W: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, torch.
     s1, s2 = monarch_shapes(m, n, nblocks)
     b, q, in_blk = s1
     out_blk = s2[1]
-    work = W.detach().to(work_dtype(W.dtype))
+    work = W.detach().to(compute_dtype(W.dtype))
     padded = work.new_zeros(b * out_blk, b * in_blk)
     padded[:m, :n] = work
     # slices[l, k] = rows {s b + l}, columns {k in_blk + p}: (b, b, out_blk, in_blk)
@@ -125,7 +120,7 @@ class MonarchLinear(ParameterizedLinear):
         super().__init__(in_features, out_features, bias, device, dtype)
         s1, s2 = monarch_shapes(out_features, in_features, nblocks)
         self.nblocks = nblocks
-        gen = cpu_generator(generator)
+        gen = make_generator(generator)
         self.L1 = nn.Parameter(kaiming_uniform(s1, s1[2], gen).to(device=device, dtype=dtype))
         self.L2 = nn.Parameter(kaiming_uniform(s2, s2[2], gen).to(device=device, dtype=dtype))
         if self.bias is not None:

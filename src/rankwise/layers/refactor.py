@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.layers._base import work_dtype
 from rankwise.layers.schedules import LayerSchedule, reset_optimizer_state_
+from rankwise.linalg import compute_dtype
 
 __all__ = ["RefactorSchedule", "refactorable_layers", "refactorize", "refactorize_"]
 
@@ -48,7 +48,7 @@ def _refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             f"rank {r} exceeds min(out, in) = {min(B.shape[0], A.shape[1])}: a thin QR needs "
             "r <= min(out, in); use a smaller rank"
         )
-    dt = work_dtype(B.dtype)
+    dt = compute_dtype(B.dtype)
     Bw, Aw = B.detach().to(dt), A.detach().to(dt)
     Q_B = linalg.orthonormalize(Bw)  # (out, r)
     Q_A = linalg.orthonormalize(Aw.T)  # (in, r)

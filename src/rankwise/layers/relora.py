@@ -20,15 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    check_rank,
-    cpu_generator,
-    kaiming_uniform,
-    linear_weight,
-    work_dtype,
-)
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
 from rankwise.layers.schedules import LayerSchedule, reset_optimizer_state_
+from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator
 
 __all__ = ["ReLoRALinear", "ReLoRASchedule"]
 
@@ -65,7 +59,7 @@ class ReLoRALinear(ParameterizedLinear):
         self.B = nn.Parameter(torch.zeros(m, self.rank, device=weight.device, dtype=weight.dtype))
         self.dropout = nn.Dropout(float(dropout))
         self.register_buffer("restarts", torch.tensor(0, dtype=torch.long, device=weight.device))
-        self.reinit_(cpu_generator(generator))
+        self.reinit_(make_generator(generator))
         if bias is not None:
             with torch.no_grad():
                 self.bias.copy_(bias)
@@ -113,7 +107,7 @@ class ReLoRALinear(ParameterizedLinear):
     @torch.no_grad()
     def merge_and_reinit_(self, generator: torch.Generator | None = None) -> None:
         """W <- W + (alpha/r) B A (in fp32, fp64 stays fp64), then restart (B, A); the output is unchanged."""
-        dt = work_dtype(self.weight.dtype)
+        dt = compute_dtype(self.weight.dtype)
         merged = self.weight.to(dt) + (self.B.to(dt) @ self.A.to(dt)) * self.scale
         self.weight.copy_(merged)
         self.reinit_(generator)

@@ -41,6 +41,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rankwise.linalg import make_generator
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -133,7 +135,7 @@ class LayerSchedule(_Callbacks):
         self.model = model
         self.layers = self._find(model)
         self.every = _check_every(every)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = make_generator(int(seed))
         self.step = 0
         self.runs: list[int] = []
         self.optimizer: torch.optim.Optimizer | None = None

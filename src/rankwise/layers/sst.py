@@ -30,14 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    check_rank,
-    cpu_generator,
-    linear_weight,
-    work_dtype,
-)
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
 from rankwise.layers.schedules import LayerSchedule, _check_every, reset_optimizer_state_
+from rankwise.linalg import compute_dtype, make_generator
 
 __all__ = ["SSTSchedule", "SSTLinear", "sample_indices"]
 
@@ -111,7 +106,7 @@ class SSTLinear(ParameterizedLinear):
         self.U = nn.Parameter(U.detach().clone(), requires_grad=False)
         self.Vh = nn.Parameter(Vh.detach().clone().to(U.dtype), requires_grad=False)
         self.sigma = nn.Parameter(sigma.detach().clone().to(U.dtype))
-        idx = sample_indices(self.sigma, self.rank, cpu_generator(generator)).to(U.device)
+        idx = sample_indices(self.sigma, self.rank, make_generator(generator)).to(U.device)
         self.register_buffer("sampled", idx)
         self.U_s = nn.Parameter(self.U.detach()[:, idx].clone())
         self.Vh_s = nn.Parameter(self.Vh.detach()[idx, :].clone())
@@ -133,7 +128,7 @@ class SSTLinear(ParameterizedLinear):
 
         weight = linear_weight(linear)
         check_rank(rank, *weight.shape)
-        U, S, Vh = linalg.svd(weight.detach().to(work_dtype(weight.dtype)))
+        U, S, Vh = linalg.svd(weight.detach().to(compute_dtype(weight.dtype)))
         dt = weight.dtype
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(U.to(dt), S.to(dt), Vh.to(dt), rank, bias, enhanced_grad, generator)

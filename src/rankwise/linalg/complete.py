@@ -103,38 +103,12 @@ def observed_values(U: torch.Tensor, V: torch.Tensor, rows: torch.Tensor, cols: 
     return out
 
 
-def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A CSR matrix (torch's beta-state warning silenced: we use only CSR @ dense)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, vals, size, check_invariants=False)
-
-
 def _sparse(rows, cols, vals, m, n) -> torch.Tensor:
     """CSR (m, n) from COO triplets, duplicates summed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (m, n), check_invariants=False)
         return coo.coalesce().to_sparse_csr()
-
-
-def _sparse(rows, cols, vals, m, n) -> torch.Tensor:
-    """CSR (m, n) from COO triplets, duplicates summed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (m, n), check_invariants=False)
-        return coo.coalesce().to_sparse_csr()
-
-
-def _segment_matrix(a_sorted: torch.Tensor, p: int, weights: torch.Tensor) -> torch.Tensor:
-    """CSR (p, E) with row a holding `weights` at the (sorted) entries of segment a.
-
-    P @ X sums the rows of X (E, c) per segment: a segment sum that is much faster on CPU than
-    index_add_ (no atomics) and single-threaded-friendly.
-    """
-    counts = torch.bincount(a_sorted, minlength=p)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    return _csr(crow, torch.arange(a_sorted.numel()), weights, (p, a_sorted.numel()))
 
 
 def sparse_top_singular_vectors(

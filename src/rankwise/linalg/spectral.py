@@ -29,7 +29,8 @@ from typing import Literal
 
 import torch
 
-from rankwise.linalg.rank import welore_normalised
+from rankwise.linalg._checks import compute_dtype
+from rankwise.linalg.rank import break_even_rank, welore_normalised
 
 __all__ = [
     "PowerLawFit",
@@ -91,7 +92,7 @@ def singular_values(
     if method == "auto":
         method = "gram" if min(A.shape) <= max_exact else "randomized"
     A = A.detach()
-    out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    out_dtype = compute_dtype(A.dtype)
     if method == "svd":
         return _svdvals(A.to(out_dtype)), True
     if method == "gram":
@@ -131,7 +132,7 @@ def _spectrum(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise TypeError(f"expected a torch.Tensor of singular values or a matrix, got {type(x).__name__}")
     if x.ndim == 2:
         _check_matrix(x, "matrix")
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        work = compute_dtype(x.dtype)
         s = _svdvals(x.detach().to(work)).to(torch.float64)
         size, eps = max(x.shape), torch.finfo(work).eps
     elif x.ndim == 1:
@@ -432,7 +433,7 @@ def welore_class(
     full = min(m, n)
     k_drop = welore_drop(x, tau)
     keep = full - k_drop
-    if k_drop / full > min_ratio and keep < m * n / (m + n):
+    if k_drop / full > min_ratio and keep <= break_even_rank(m, n):  # keep (m + n) < m n
         return "LRC"
     return "N-LRC"
 

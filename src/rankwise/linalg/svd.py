@@ -43,6 +43,7 @@ from rankwise.linalg._checks import (
     validate_matrix,
     validate_rank,
 )
+from rankwise.linalg.random import Seed, make_generator
 
 __all__ = [
     "default_oversample",
@@ -55,8 +56,6 @@ __all__ = [
     "svdvals",
     "truncated_svd",
 ]
-
-Seed = int | torch.Generator | None
 
 
 def svd(A: torch.Tensor, full_matrices: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,16 +94,6 @@ def truncated_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def default_oversample(rank: int) -> int:
     """The default oversampling p of randomized_svd: max(10, ceil(rank / 8)) (see module doc)."""
     return max(10, math.ceil(rank / 8))
-
-
-def make_generator(seed: Seed, device: torch.device | str | None = None) -> torch.Generator | None:
-    """A torch.Generator from a seed: None -> None (global RNG), int -> new generator on `device`."""
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    seed = validate_int(seed, "seed", minimum=0)
-    gen = torch.Generator(device=device if device is not None else "cpu")
-    gen.manual_seed(seed)
-    return gen
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:

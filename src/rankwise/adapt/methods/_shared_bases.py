@@ -18,6 +18,8 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from rankwise.linalg import make_generator
+
 _CACHE: weakref.WeakValueDictionary[Hashable, torch.Tensor] = weakref.WeakValueDictionary()
 
 
@@ -50,4 +52,4 @@ def check_saved_shape(extra: dict, name: str, method: str) -> tuple[int, ...]:
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with `seed` (never the global RNG)."""
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+    return make_generator(int(seed))

@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.linalg import kaiming_uniform
 
 
 def allora_coefficient(norm: torch.Tensor, eta: float) -> torch.Tensor:
@@ -106,9 +107,8 @@ class ALLoRA(AdapterMethod):
 
     def initialize(self, ctx: InitContext) -> None:
         """LoRA's init: A ~ U(−1/√in, 1/√in) (kaiming_uniform, a=√5), B = 0."""
-        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.A.copy_((torch.rand(self.A.shape, generator=ctx.generator) * 2 - 1) * bound)
+            self.A.copy_(kaiming_uniform(self.A.shape, self.in_features, ctx.generator))
             self.B.zero_()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,9 +95,8 @@ class BlockLoRA(AdapterMethod):
 
     def initialize(self, ctx: InitContext) -> None:
         """A_s kaiming-uniform (bound 1/√in, as PEFT's LoRA A), every B_i = 0."""
-        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.A.copy_((torch.rand(self.A.shape, generator=ctx.generator) * 2 - 1) * bound)
+            self.A.copy_(kaiming_uniform(self.A.shape, self.in_features, ctx.generator))
             self.B.zero_()
 
     def summed_B(self) -> torch.Tensor:

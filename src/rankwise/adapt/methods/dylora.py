@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -65,7 +66,7 @@ class DyLoRAConfig(LoRAConfig):
 
 def sample_rank(config: DyLoRAConfig, step: int) -> int:
     """The training rank b of optimizer step `step`, uniform on {min_rank .. rank}."""
-    gen = torch.Generator(device="cpu").manual_seed((config.seed * 1_000_003 + step) % (2**63))
+    gen = make_generator((config.seed * 1_000_003 + step) % (2**63))
     return int(torch.randint(config.min_rank, config.rank + 1, (1,), generator=gen))
 
 

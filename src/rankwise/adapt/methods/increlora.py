@@ -53,6 +53,7 @@ from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
 from rankwise.adapt.methods.adalora import _check_beta
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -240,7 +241,7 @@ class IncreLoRA(AdapterMethod):
                 for e in self.E:
                     e.mul_(ratio)
             self.growths += 1
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.growths) % 2**62)
+            gen = make_generator((self.seed * 1_000_003 + self.growths) % 2**62)
             if cfg.advance_learn:
                 self.A_res = self._new(*self.A_res.shape)
                 self.B_res = self._new(*self.B_res.shape)

@@ -22,6 +22,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,9 +85,7 @@ class LoRABase(AdapterMethod):
             if self.config.init == "gaussian":
                 a = torch.randn(r, n_in, generator=gen) / r
             else:
-                # kaiming_uniform(a=√5) on an (r, in) weight: bound = 1/√in
-                bound = 1.0 / math.sqrt(n_in)
-                a = (torch.rand(r, n_in, generator=gen) * 2 - 1) * bound
+                a = kaiming_uniform((r, n_in), n_in, gen)  # kaiming_uniform_(a=√5) on (r, in)
             self.A.copy_(a)
             self.B.zero_()
 

@@ -35,6 +35,7 @@ from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -109,8 +110,7 @@ class LoRAGGPO(LoRABase):
     def draw(self, weight: torch.Tensor) -> torch.Tensor:
         """ε (out, in) of the current step: row i ~ N(0, σ_i² I), seeded by (seed, step); the step
         is `rule_steps` (optimizer steps run, restored on resume)."""
-        gen = torch.Generator(device="cpu").manual_seed(
-            (self.noise_seed * 1_000_003 + self.rule_steps) % (2**63 - 1))
+        gen = make_generator((self.noise_seed * 1_000_003 + self.rule_steps) % (2**63 - 1))
         noise = torch.randn(self.out_features, self.in_features, generator=gen,
                             dtype=torch.float64).to(device=self.A.device, dtype=self.A.dtype)
         return noise * self.row_std(weight)[:, None]

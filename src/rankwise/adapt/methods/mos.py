@@ -47,6 +47,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.linalg import kaiming_uniform, make_generator
 
 ROLES = ("A", "B")
 # pool id -> the pool parameter most recently loaded by its owner (see the module docstring)
@@ -183,7 +184,7 @@ class MoS(AdapterMethod):
         def factory() -> dict[str, Any]:
             n = pool_size(self.config, len(members))
             if role == "A":  # LoRA's kaiming-uniform A: U(−1/√in, 1/√in)
-                gen = torch.Generator().manual_seed(layer_seed(ctx.seed, f"mos-pool-A-{dim}"))
+                gen = make_generator(layer_seed(ctx.seed, f"mos-pool-A-{dim}"))
                 values = (torch.rand(n, dim // k, generator=gen) * 2 - 1) / math.sqrt(dim)
             else:
                 values = torch.zeros(n, dim // k)
@@ -205,8 +206,7 @@ class MoS(AdapterMethod):
             index = route(s * k, param.shape[0], ctx.generator).view(s, k)
             getattr(self, f"{role}_index").copy_(index)
         with torch.no_grad():
-            bound = 1.0 / math.sqrt(self.in_features)
-            a = (torch.rand(self.A_private.shape, generator=ctx.generator) * 2 - 1) * bound
+            a = kaiming_uniform(self.A_private.shape, self.in_features, ctx.generator)
             self.A_private.copy_(a)
             self.B_private.zero_()
 

@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.linalg import make_generator
 
 _MOD = 2**63 - 1
 A_BASES, B_BASES, A_ZERO = 0, 1, 2  # factor tags of the per-basis seeds
@@ -142,7 +143,7 @@ class NOLA(AdapterMethod):
     def _set_seed(self, seed: int) -> None:
         self.seed = int(seed)
         r, n = self.config.rank, self.in_features
-        gen = torch.Generator(device="cpu").manual_seed(basis_seed(self.seed, A_ZERO, 0))
+        gen = make_generator(basis_seed(self.seed, A_ZERO, 0))
         bound = 1.0 / math.sqrt(n)  # kaiming_uniform(a=√5) on (r, in), as LoRA's A
         a0 = torch.empty(r, n).uniform_(-bound, bound, generator=gen)
         self.A0 = a0.to(device=self.coef_A.device, dtype=self.coef_A.dtype)

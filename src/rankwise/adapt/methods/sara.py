@@ -49,6 +49,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -212,7 +213,7 @@ class SaRA(AdapterMethod):
                     and m.values.grad is not None]
         if not eligible:
             return
-        gen = torch.Generator().manual_seed(int(state.step))
+        gen = make_generator(int(state.step))
         m = eligible[int(torch.randint(len(eligible), (1,), generator=gen))]
         if m.values.numel() > m.config.nuclear_min_masked:
             m.values.grad.add_(m.nuclear_grad(), alpha=m.config.lambda_rank)
