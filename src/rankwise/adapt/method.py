@@ -158,8 +158,9 @@ class AdapterMethod(nn.Module):
             return validate_rank(rank, self.out_features, self.in_features)
         rank = validate_rank(rank, self.out_features, self.in_features)
         if rank > limit:
-            raise ValueError(f"rank {rank} exceeds this method's limit {limit} for a "
-                             f"({self.out_features}, {self.in_features}) layer: choose rank <= {limit}")
+            raise ValueError(f"rank {rank} exceeds min(m, n) = {limit} of the factors this method "
+                             f"builds for a ({self.out_features}, {self.in_features}) layer: "
+                             f"choose rank <= {limit}")
         return rank
 
     @staticmethod
