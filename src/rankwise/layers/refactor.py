@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.layers.schedules import LayerSchedule, reset_optimizer_state_
+from rankwise.layers.restarts import reset_optimizer_state_
+from rankwise.layers.schedules import LayerSchedule
 from rankwise.linalg import compute_dtype
 
 __all__ = ["RefactorSchedule", "refactorable_layers", "refactorize", "refactorize_"]

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
-from rankwise.layers.schedules import LayerSchedule, reset_optimizer_state_
+from rankwise.layers.restarts import reset_optimizer_state_
+from rankwise.layers.schedules import LayerSchedule
 from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator
 
 __all__ = ["ReLoRALinear", "ReLoRASchedule"]

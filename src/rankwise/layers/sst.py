@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
-from rankwise.layers.schedules import LayerSchedule, _check_every, reset_optimizer_state_
+from rankwise.layers.restarts import reset_optimizer_state_
+from rankwise.layers.schedules import LayerSchedule, _check_every
 from rankwise.linalg import compute_dtype, make_generator
 
 __all__ = ["SSTSchedule", "SSTLinear", "sample_indices"]
