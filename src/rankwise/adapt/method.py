@@ -21,7 +21,8 @@ layer. It declares:
 Presets: one class can be registered under several names with different defaults
 (``"lora"`` and ``"rslora"`` are the same class; rsLoRA sets ``use_rslora=True``).
 
-Adding a method (a sketch of SVFit, adapters.md §9: train the top-r singular values)::
+Adding a method (a sketch of SVFit, Sun et al. 2024: W = U diag(σ) Vᵀ, train the top-r σ and
+keep W_res = W − U_r diag(σ_r) V_rᵀ frozen)::
 
     @dataclass(frozen=True, kw_only=True)
     class SVFitConfig(MethodConfig):

@@ -1,6 +1,6 @@
 """Scatterbrain: sparse + low-rank approximation of softmax attention (Chen, Dao et al., NeurIPS'21).
 
-Compression card §16. With tau the softmax temperature (1/sqrt(d)), E = exp(tau Q K^T) (n, m) and
+With tau the softmax temperature (1/sqrt(d)), E = exp(tau Q K^T) (n, m) and
 exact attention O = (E V) / (E 1). Scatterbrain estimates E by
     E_hat = E_lr + [E - E_lr]_S,        E_lr = phi(Q) phi(K)^T   (Performer, features.py)
 i.e. exact on a sparse support S (a local window, or LSH buckets: lsh.py) and low-rank elsewhere.

@@ -1,7 +1,7 @@
 """The shared shell of every trainable parameterisation of a linear layer, and model-level swaps.
 
-Each method (SLTrain, LOST, SST, Maestro, TRP, ReLoRA, Monarch; card numbers in
-shared/methods/training.md) is a subclass of `ParameterizedLinear` that stores its own factors
+Each method (SLTrain, LOST, SST, Maestro, TRP, ReLoRA, Monarch; each module's docstring cites its
+paper and the update it implements) is a subclass of `ParameterizedLinear` that stores its own factors
 and promises the same small protocol:
 
     dense_weight() -> (out, in)        the weight the layer currently represents

@@ -1,7 +1,7 @@
 """FactorizedLinear: a dense linear replaced by two real matmuls, `y = B (A x) + bias`.
 
 This is the storage form of every post-training factorisation in rankwise (LoRD, FWSVD,
-ASVD, SVD-LLM, WeLore, D-Rank, AFM; method cards 1-8 in shared/methods/compression.md):
+ASVD, SVD-LLM, WeLore, D-Rank, AFM; rankwise.compress cites each paper):
 A (rank, in) is applied first, B (out, rank) second and carries the bias. A rank-r layer stores
 `r * (in + out)` weights (+ `out` bias) against `in * out` dense, and costs `2 r (in + out)`
 FLOPs per token against `2 in out`, so it is smaller *and* faster only below the break-even rank
@@ -44,7 +44,7 @@ def factorized_parameters(out_features: int, in_features: int, rank: int, bias: 
 def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
     """True when rank-`rank` factors are strictly smaller than the dense weight.
 
-    `rank (m + n) < m n`, i.e. `rank <= rankwise.linalg.break_even_rank(m, n)` (card 0). The
+    `rank (m + n) < m n`, i.e. `rank <= rankwise.linalg.break_even_rank(m, n)`. The
     bias is the same on both sides, so it does not enter the comparison.
     """
     return rank <= break_even_rank(out_features, in_features)
@@ -112,7 +112,8 @@ class FactorizedLinear(nn.Module):
     def from_dense(
         cls, linear: nn.Linear, rank: int, *, allow_no_saving: bool = False
     ) -> FactorizedLinear:
-        """Plain truncated SVD of `linear.weight` (LoRD, card 1): `B A = U_r S_r V_r^T`.
+        """Plain truncated SVD of `linear.weight` (LoRD, Kaushal et al. 2023): `B A = U_r S_r V_r^T`,
+        the best rank-r approximation in Frobenius and spectral norm (Eckart & Young 1936).
 
         The SVD runs in fp32 (fp64 when the weight is fp64) and the factors are balanced
         (`B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`), then cast back to the layer's dtype.

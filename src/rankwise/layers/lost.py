@@ -1,12 +1,12 @@
-"""LOST: an SVD split into a dominant low-rank part plus a channel-wise sparse part (card 12).
+"""LOST: an SVD split into a dominant low-rank part plus a channel-wise sparse part.
 
 Li et al., "LOST: Low-rank and Sparse Pre-training for Large Language Models" (2025). The paper
 SVDs each weight at initialisation, keeps the top-r singular triplets as a trainable low-rank
 component and builds a *channel-wise* (whole rows or columns) sparse component from the remaining
 singular values/vectors; both are trained end to end from scratch.
 
-What the abstract confirms is above; the rest follows the method card's proposal, which is
-labelled UNCONFIRMED there (the official repository could not be read):
+What the abstract confirms is above; the rest is our reading, not fixed by the paper (the
+official repository could not be read):
 
     W0 = U S V^T;   B = U_r S_r^{1/2} (out, r),  A = S_r^{1/2} V_r^T (r, in)   (Eckart-Young part)
     E  = W0 - B A = sum_{i>r} s_i u_i v_i^T                                     (residual)
@@ -15,8 +15,8 @@ labelled UNCONFIRMED there (the official repository could not be read):
     y  = B (A x) + S x[channels]            (in)   |   y[channels] += S x    (out)
 
 so at init BA + scatter(S) equals W0 on the kept channels and the rank-r truncation elsewhere;
-with every channel kept it is W0 exactly (card test 1). There is no scale between the parts.
-Defaults (UNCONFIRMED, chosen here): channel_dim "in", density 0.05 of the channels.
+with every channel kept it is W0 exactly (the tests check it). There is no scale between the parts.
+Defaults (not fixed by the paper, chosen here): channel_dim "in", density 0.05 of the channels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Maestro: a trainable low-rank decomposition ordered by ordered dropout (training card 14).
+"""Maestro: a trainable low-rank decomposition ordered by ordered dropout.
 
 Horvath, Laskaridis et al., "Maestro: Uncovering Low-Rank Structures via Trainable
 Decomposition" (ICML 2024). The layer is `y = B (A x) + b` with A (d, in), B (out, d),

@@ -1,4 +1,4 @@
-"""Monarch matrices: a product of two block-diagonal factors with a fixed permutation (card 17).
+"""Monarch matrices: a product of two block-diagonal factors with a fixed permutation.
 
 Dao et al., "Monarch: Expressive Structured Matrices for Efficient and Accurate Training"
 (ICML 2022); the layout is the reference `MonarchLinear` (HazyResearch fly). With b blocks,
@@ -13,7 +13,7 @@ So M[s b + l, k in_blk + p] = sum over t with t % b = l and t // q = k of
 L2[l, s, t // b] * L1[k, t % q, p]: each (l, k) slice of M (rows o = l mod b, columns of input
 block k) is a product of disjoint pieces of L2[l] and L1[k] with rank |T(l, k)|, and the slices
 partition both M and the parameters. Hence the closed-form projection of a dense W
-(`project_monarch`, compression card 17): replace every slice by its best rank-|T(l, k)|
+(`project_monarch`; Dao et al. 2022's projection onto Monarch matrices): replace every slice by its best rank-|T(l, k)|
 approximation (one truncated SVD each, factors split sqrt(S)); Eckart-Young per slice makes it
 optimal in Frobenius norm, exact for a Monarch matrix, and idempotent. For a square d = b^2
 every |T| is 1 (the paper's rank-1 slices). With padding, the padded entries are fitted as zeros.

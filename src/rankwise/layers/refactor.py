@@ -1,10 +1,10 @@
-"""Weight refactorization of factorised layers: rebalance (B, A) without changing B A (card 9).
+"""Weight refactorization of factorised layers: rebalance (B, A) without changing B A.
 
 Glentis et al., "Scalable Parameter and Memory Efficient Pretraining for LLM: Recent Algorithmic
 Advances and Benchmarking" (2025): low-rank pretraining (W = B A, or SLTrain's B A + S) gets
 closer to full-rank training when, every T steps, the factors are refactorised and the momenta
-reset (RefactorSchedule in rankwise.layers.schedules). The refactorisation (exact formula
-UNCONFIRMED in the card; this is the card's version) never forms W:
+reset (RefactorSchedule in rankwise.layers.schedules). The refactorisation (the exact formula
+is not given in the paper; this is ours) never forms W:
 
     B = Q_B R_B,  A^T = Q_A R_A                 thin QR, Q_B (out, r), Q_A (in, r)
     R_B R_A^T = U' S V'^T                       SVD of the r x r core

@@ -1,4 +1,4 @@
-"""ReLoRA: high-rank training through periodically merged low-rank updates (training card 10).
+"""ReLoRA: high-rank training through periodically merged low-rank updates.
 
 Lialin et al., "ReLoRA: High-Rank Training Through Low-Rank Updates" (ICLR 2024). The layer is
 
@@ -8,7 +8,7 @@ with dropout on the input of the low-rank branch. Every T_reset steps (ReLoRASch
 update is merged and the factors restart: `W <- W + (alpha/r) B A; A <- Kaiming; B <- 0`
 (`merge_and_reinit_`), which leaves the layer's function unchanged (B = 0 after the restart);
 the schedule then resets the optimizer state of A and B and the LR re-warms from 0 (jagged
-cosine). After k restarts W - W0 can have rank up to k r (card test 2).
+cosine). After k restarts W - W0 = sum of k rank-r merges can have rank up to k r (the tests check it).
 
 Defaults follow the reference `peft_pretraining/relora.py`: alpha 32 (README/launch scripts; the
 layer's own default is 1), dropout 0.1, bias trainable (only the weight is frozen).

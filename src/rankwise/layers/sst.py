@@ -1,4 +1,4 @@
-"""Sparse Spectral Training: all singular values trained, a sampled few singular vectors (card 13).
+"""Sparse Spectral Training: all singular values trained, a sampled few singular vectors.
 
 Zhao et al., "Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural
 Networks". The weight is kept in spectral form
@@ -17,7 +17,7 @@ in two small trainable parameters U_s (out, r), Vh_s (r, in), so the optimizer s
 2 (r (out + in) + a) instead of 2 out in. The forward substitutes them into U, V^T
 (`index_copy`), so the gradient reaches only the sampled vectors and sigma.
 
-UNCONFIRMED (no official code found; card 13): the sampling and re-SVD periods, whether the
+Not fixed by the paper (no official code found): the sampling and re-SVD periods, whether the
 optimizer state of sigma is reset on a re-SVD, and the paper's "enhanced gradient", which drops
 the sigma_i factor from the vector gradients (dL/du_i = G v_i instead of G v_i sigma_i); it is
 available as `enhanced_grad=True` and off by default (with Adam a per-column rescaling mostly
@@ -219,7 +219,7 @@ class SSTSchedule(LayerSchedule):
     """Every `every` updates redraw the sampled singular vectors; every `svd_every`, re-SVD first.
 
     The optimizer state of the sampled vectors (and of sigma after a re-SVD, whose entries are
-    then re-sorted) is reset to a first step. Periods are UNCONFIRMED in the paper's sources.
+    then re-sorted) is reset to a first step. The paper does not fix the periods.
     """
 
     layer_type = SSTLinear

@@ -1,4 +1,4 @@
-"""Trained Rank Pruning: low-rank projection inside training + nuclear-norm subgradient (card 15).
+"""Trained Rank Pruning: low-rank projection inside training + nuclear-norm subgradient.
 
 Xu et al., "Trained Rank Pruning for Efficient Deep Neural Networks" (2018/2020). The layer
 keeps a full (out, in) weight; every `every` steps (TRPSchedule; the official CIFAR code uses

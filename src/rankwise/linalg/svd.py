@@ -20,7 +20,7 @@ columns. Two implementation choices make it faster than torch.svd_lowrank at the
   factor, 2-3.5x cheaper than LAPACK's SVD of B itself at l >= 64.
 
 Defaults (chosen with the defaults study of benchmarks/linalg.py, 2048 x 2048, fp32):
-- power_iters = 2 (HMT; the method card's suggestion): q = 1 leaves 3.5-8x more excess error
+- power_iters = 2 (HMT's recommendation for slowly decaying spectra): q = 1 leaves 3.5-8x more excess error
   over the optimal rank-r error; q = 3 cuts it 2-6x more but costs 25-35 % more time.
 - oversample = max(10, ceil(rank / 8)): with a fixed p = 10 the excess error grows with the rank
   (the HMT bound scales with rank / (p - 1)) and passes 1 % near rank 128-256; p = rank / 8 keeps
@@ -184,7 +184,7 @@ def split_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors B = U diag(sqrt S) (..., m, r) and A = diag(sqrt S) Vh (..., r, n).
 
-    B @ A == U diag(S) Vh. This is the storage form of the reference code (compression card §0):
+    B @ A == U diag(S) Vh. This is the storage form of the SVD-LLM and ASVD reference code:
     A is applied first, B second, and both carry the same scale.
     """
     if U.ndim < 2 or Vh.ndim < 2 or S.ndim < 1:

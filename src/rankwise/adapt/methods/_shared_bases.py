@@ -1,6 +1,6 @@
 """Random bases shared by every layer of a model, rebuilt from a seed instead of being saved.
 
-VeRA and RandLoRA (adapters.md §6, §7) use one pair of frozen random matrices for all adapted
+VeRA (Kopiczko et al. 2024) and RandLoRA (Albert et al. 2025) use one pair of frozen random matrices for all adapted
 layers, allocated for the largest shapes and sliced per layer. Those matrices are *regenerable*:
 a CPU ``torch.Generator`` seeded with the config's ``projection_prng_key`` draws them in fp32,
 so the same key and shapes give bit-identical tensors on any machine, and a saved adapter holds

@@ -1,5 +1,5 @@
 """AdaLoRA: SVD-form LoRA whose rank budget is allocated by importance during training (Zhang et
-al., ICLR 2023, arXiv 2303.10512; adapters.md §12).
+al., ICLR 2023, arXiv 2303.10512).
 
     y = W x + b + c · P diag(Λ) Q dropout(x),   c = α / (N + 1e-5)
 

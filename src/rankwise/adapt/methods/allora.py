@@ -1,4 +1,4 @@
-"""ALLoRA: LoRA with a norm-scaled adaptive learning rate (arXiv 2410.09692; adapters.md §15).
+"""ALLoRA: LoRA with a norm-scaled adaptive learning rate (arXiv 2410.09692).
 
     y = W x + b + B A x          (no α scale and no dropout: the paper removes both)
 
@@ -15,7 +15,7 @@ holds the scaled gradient with any optimizer or loop, under gradient accumulatio
 not change between micro-batches), with no optimizer hook to attach. Since c depends on θ only,
 scaling each sample's gradient equals scaling their sum ("per-sample" in the abstract).
 
-Choices (card UNCONFIRMED; no official code found): c as above; the norm is taken per row of A
+Choices (not fixed by the paper; no official code found): c as above; the norm is taken per row of A
 (each of the r rows, over in) and per row of B (each of the out rows, over r) with
 ``granularity="row"`` (default), or over each whole matrix with ``"matrix"``; η = 1 by default.
 """

@@ -1,5 +1,5 @@
 """Block-LoRA: one shared down-projection, n up-projection blocks ("One Head Eight Arms",
-Zhou et al., arXiv 2501.16720; adapters.md §17).
+Zhou et al., arXiv 2501.16720).
 
     B = [B_1 … B_n]  (each out × r/n),   A_i = A_s (r/n × in) for every block
     ΔW = s · Σ_i B_i A_s = s · (Σ_i B_i) A_s,     y = W x + b + s · (Σ_i B_i)(A_s dropout(x))
@@ -8,7 +8,7 @@ So the forward computes A_s x once and replaces n matmuls by a sum of the B_i (t
 "matrix multiplications replaced by additions"). Trainable: A_s and the n blocks B_i, stored as
 one tensor (n, out, r/n): ``out·r + (r/n)·in`` parameters per layer.
 
-Choices (card UNCONFIRMED: no official code found; the main reading of the abstract is used,
+Choices (not fixed by the paper: no official code found; the main reading of the abstract is used,
 i.e. the split runs along the rank, not along the input):
 
 * scale s = α/r with r the *total* rank (as LoRA of rank r, so ΔW has LoRA's scale when n = 1);

@@ -1,5 +1,5 @@
 """DyLoRA: one LoRA trained for every rank b ≤ r_max at once (Valipour et al., EACL 2023,
-arXiv 2210.07558; adapters.md §13).
+arXiv 2210.07558).
 
     y = W x + b_W + (α/b) · B[:, :b] A[:b] dropout(x)
 
@@ -13,7 +13,7 @@ In the default ``update="frozen"`` mode only row b of A and column b of B receiv
 Inference: any 1 ≤ b ≤ rank (`set_rank`, default rank), scale α/b, no retraining; merge uses
 the current b and remembers it, so unmerge is exact even if the rank is changed in between.
 
-Choices (card UNCONFIRMED; the official code was not available): ``"frozen"`` is the default
+Choices (not fixed by the paper; the official code was not available): ``"frozen"`` is the default
 mode (the paper's Algorithm 1 updates only the b-th row/column); α defaults to LoRA's 8 with
 scale α/b (α/√b with ``use_rslora``); the rank of each step is drawn from a CPU generator
 seeded with (``seed``, step), never from the global RNG, identically for every layer.

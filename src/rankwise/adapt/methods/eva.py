@@ -1,4 +1,4 @@
-"""EVA: Explained Variance Adaptation (Paischer et al., arXiv 2410.07170; adapters.md §18).
+"""EVA: Explained Variance Adaptation (Paischer et al., arXiv 2410.07170).
 
 A LoRA whose A rows are the principal directions of the layer's *input activations*, B = 0,
 with the ranks redistributed across layers by explained variance:

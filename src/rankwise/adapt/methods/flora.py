@@ -1,5 +1,5 @@
 """FLoRA: a low-rank Tucker update that keeps the N-d structure of a weight (Si, Wang et al.,
-"FLoRA: Low-Rank Core Space for N-dimension", arXiv 2405.14739; adapters.md §22).
+"FLoRA: Low-Rank Core Space for N-dimension", arXiv 2405.14739).
 
     ΔW = scale · G ×₁ U⁽¹⁾ ×₂ U⁽²⁾ … ×_N U⁽ᴺ⁾,    dims ordered [d_in, d_out, k₁, k₂, …]
 

@@ -1,5 +1,5 @@
 """IncreLoRA: AdaLoRA's SVD-form adapter whose rank *grows* during training, by importance
-(Zhang et al. 2023, arXiv 2308.12043; adapters.md §14).
+(Zhang et al. 2023, arXiv 2308.12043).
 
     ΔW = [B_1 … B_m B_res] · ([A_1; …; A_m; A_res] ⊙ [E_1; …; E_m; E_res]) · α / (N + 1e-5)
 

@@ -1,4 +1,4 @@
-"""LoLDU: train the diagonal of an LDU factorisation of W (arXiv 2410.13618; adapters.md §8).
+"""LoLDU: train the diagonal of an LDU factorisation of W (arXiv 2410.13618).
 
     W = P L U (partial pivoting),   D = diag(U),   Ũ = D⁻¹ U (unit diagonal)
     W_res = W − σ · P L_r diag(z₀) Ũ_r,   W_eff = W_res + σ · P L_r diag(z) Ũ_r,   y = W_eff x + b
@@ -9,7 +9,7 @@ with L_r = L[:, :r] (out, r), Ũ_r = Ũ[:r] (r, in), z₀ = D[:r] and σ = α/r 
 W_eff = W at init. The stored base weight is W_res (PiSSA-style); P is kept as a permutation
 index vector (`rankwise.linalg.lu`), not as the official dense out×out matrix.
 
-Robustness (card test 4): the LU runs in fp32 and is redone in fp64 when a kept pivot is zero
+Robustness (tested on rank-deficient and ill-conditioned W): the LU runs in fp32 and is redone in fp64 when a kept pivot is zero
 or Ũ_r would overflow; a pivot that is still exactly zero (a rank-deficient leading block)
 keeps its row of U unnormalised with z₀_i = 1, so P L_r diag(z₀) Ũ_r is unchanged and every
 tensor stays finite (that row of Ũ_r then lacks the unit diagonal).

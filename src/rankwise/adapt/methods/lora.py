@@ -2,7 +2,7 @@
 
     y = W x + b + s · B A dropout(x),   A (r, in), B (out, r),   s = α/r  (rsLoRA: α/√r)
 
-Init as PEFT's ``init_lora_weights=True`` (adapters.md §1): A ~ kaiming_uniform(a=√5), i.e.
+Init as PEFT's ``init_lora_weights=True``: A ~ kaiming_uniform(a=√5), i.e.
 U(−1/√in, 1/√in), B = 0, so the adapted model equals the base at init; ``init="gaussian"``
 draws A ~ N(0, 1/r) (PEFT's std 1/r). Embedding layers are the other way round (A = 0,
 B ~ N(0, 1)), as PEFT. Draws use the layer's seeded generator, never the global RNG.

@@ -1,5 +1,5 @@
 """LoRA-GGPO: LoRA trained under a gradient-guided random weight perturbation (Chang et al.,
-arXiv 2502.14538 v1; adapters.md §20).
+arXiv 2502.14538 v1).
 
     inference:  y = W x + b + s · B A x                         (plain LoRA, s = α/r)
     training:   y = (W + s·BA + ε) x + b,   ε_i,: ~ N(0, σ_i² I),
@@ -17,8 +17,8 @@ rule (after each optimizer step, `rankwise.adapt.attach_rules`; training without
 keeps its row norms for the next step's σ and drops ε. Costs one dense (out × in) matmul per
 forward and per backward, and two (out × in) tensors per layer while training.
 
-Choices (card UNCONFIRMED; the official code github.com/llm172/LoRA-GGPO was not available):
-the formula above (the card's reading, Flat-LoRA-style row scaling), ρ = 0.05, a = 0.5,
+Choices (not fixed by the paper; the official code github.com/llm172/LoRA-GGPO was not
+available): the formula above (our reading, Flat-LoRA-style row scaling), ρ = 0.05, a = 0.5,
 perturbation of the merged weight (not of A/B), no perturbation in eval mode or without grad.
 Params/layer and merge: LoRA's (the perturbation is never merged).
 """

@@ -1,5 +1,5 @@
 """LoRA-Pro: LoRA whose gradients are rewritten so the equivalent full-weight gradient best
-approximates the full gradient (arXiv 2407.18242; adapters.md §19).
+approximates the full gradient (arXiv 2407.18242).
 
     y = W x + b + s · B A x        (plain LoRA forward, s = α/r)
 

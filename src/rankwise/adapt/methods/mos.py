@@ -1,4 +1,4 @@
-"""MoS: Mixture of Shards (Wang et al., ICLR 2025, arXiv 2410.00938; adapters.md §16).
+"""MoS: Mixture of Shards (Wang et al., ICLR 2025, arXiv 2410.00938).
 
 LoRA whose factors are not owned by a layer but assembled from global pools of *shards*:
 
@@ -20,7 +20,7 @@ Params: Σ pools + Σ_l p·(in + out), whatever r is (≈ a LoRA of rank ``budge
 Init: A-shards and private A rows kaiming-uniform U(−1/√in, 1/√in) (LoRA's A), B-shards and
 private B columns 0, so the adapter is a no-op at init. Merge materialises A, B: exact.
 
-Choices (card UNCONFIRMED; only the earlier chunk-repeat module of the official repo was
+Choices (not fixed by the paper; only the earlier chunk-repeat module of the official repo was
 readable): the router is a *fixed random index* (drawn once from the seeded per-layer
 generator, saved with the adapter), without replacement inside a layer while the pool is large
 enough and balanced (every shard used ⌈slots/pool⌉ times at most) beyond; the "random scaling

@@ -1,5 +1,5 @@
 """NOLA: LoRA factors as linear combinations of random bases (Koohpayegani et al., ICLR 2024,
-arXiv 2310.02556; adapters.md §5).
+arXiv 2310.02556).
 
     y = W x + b + s · B A dropout(x),   s = α/r
     A = A₀ + Σ_{i<k} α_i Â_i  (r, in),    B = Σ_{j<l} β_j B̂_j  (out, r)
@@ -16,7 +16,7 @@ in the forward *and* in the backward (∂L/∂α_i = ⟨∂L/∂A, Â_i⟩), sav
 so training memory does not grow with k.
 
 Init (official GPT code, ``gpt/src/model_nola.py``): α = β = 0, so B = 0 and the adapter is a
-no-op. Choice (card UNCONFIRMED): the ViT variant (coefficients 1/k, kaiming bases) is not
+no-op. Choice (ours): the ViT variant (coefficients 1/k, kaiming bases) is not
 offered. Inference regenerates the bases each forward: merge the adapter for deployment.
 """
 

@@ -1,4 +1,4 @@
-"""RandLoRA: full-rank updates from scaled shared random bases (arXiv 2502.00987; adapters.md §6).
+"""RandLoRA: full-rank updates from scaled shared random bases (arXiv 2502.00987).
 
 With d_min = min(in, out), d_max = max(in, out) and n = ⌈d_min / r⌉ bases (n·r ≥ d_min):
 
@@ -21,7 +21,8 @@ Choices: the bases are drawn in fp32 (PEFT uses bf16/fp16 depending on the machi
 *never saved*: a saved adapter holds λ, γ, the key (config) and the shared sizes (extra state);
 loading redraws them bit-identically. Uniform bases are U(−1, 1)/std (PEFT: kaiming-uniform /
 std, the same distribution). PEFT pairs A-rows and B-columns in a permuted order
-(adapters.md §6 test 4); we follow the formula, so PEFT checkpoints do not load here.
+(its ΔW differs from the paper's formula by that permutation); we follow the formula, so PEFT
+checkpoints do not load here.
 """
 
 from __future__ import annotations

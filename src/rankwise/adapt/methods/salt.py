@@ -1,4 +1,4 @@
-"""SALT: singular value adaptation with a low-rank transformation (BioMedIA-MBZUAI; adapters.md §10).
+"""SALT: singular value adaptation with a low-rank transformation (BioMedIA-MBZUAI).
 
 Thin SVD ``W = U Σ Vᵀ`` (k = min(out, in)). The adapted weight is
 
@@ -15,8 +15,8 @@ not ``torch.manual_seed(42)``), so the adapter starts ~1e-4 away from a no-op.
 ``init="noop"`` keeps X ~ N(0, 0.01²) and sets Y = 0: an exact no-op that still trains.
 
 Regularizer (public layer): ``‖diag(aσ + c) − diag(σ)‖_F + ‖X Y‖_F``; its weight in the loss is
-UNCONFIRMED, so ``reg_weight`` defaults to 0 (off). With ``reg_weight > 0`` the method carries a
-training rule (`rankwise.adapt.attach_rules` adds the term's gradient at every optimizer step).
+not fixed by the paper, so ``reg_weight`` defaults to 0 (off). With ``reg_weight > 0`` the method
+carries a training rule (`rankwise.adapt.attach_rules` adds the term's gradient at every optimizer step).
 
 Choices: U, Σ, V are not saved (they would be ~2× the weight); loading recomputes the SVD of the
 original base weight, with signs made deterministic (the largest-magnitude entry of each column

@@ -1,13 +1,14 @@
 """SaRA: train only the small-magnitude ("ineffective") pretrained weights, progressively, under a
 nuclear-norm constraint (Hu, Zhang, Yi et al., "SaRA: High-Efficient Diffusion Model Fine-tuning
-with Progressive Sparse Low-Rank Adaptation"; adapters.md §21).
+with Progressive Sparse Low-Rank Adaptation").
 
     M = {(i, j) : |W_ij| < threshold}                    mask, chosen on the weight at init
     W_eff = W with W[M] replaced by the trainable values v (|M|,)
     ΔW = scatter_M(v − W[M]) (+ the frozen deltas of earlier masks, below)
 
 Trainable: v, one flat tensor per adapted layer, initialised to W[M] (the official code's |w|
-flips the sign of small negative weights; the card's fix, w, makes the init an exact no-op).
+flips the sign of small negative weights; initialising with w
+instead makes the init an exact no-op).
 The forward adds x ↦ ΔW x to the base output; autograd returns ∂L/∂v = (∂L/∂W)[M] only.
 Saved: v, the flat mask indices, and the frozen deltas: a sparse adapter.
 
@@ -17,8 +18,8 @@ Training-time rules (``rankwise.adapt.attach_rules``), present when enabled:
   at random among those with min(out, in) > ``nuclear_min_dim`` gets the gradient of
   λ·‖W_eff ⊙ M‖_* added to ∂L/∂v: λ·(U Vᵀ)[M] with U, Vᵀ the singular vectors of the nonzero
   singular values of W_eff ⊙ M (via ``rankwise.linalg.svd``); the drawn layer is skipped when
-  it has ≤ ``nuclear_min_masked`` masked entries. Checked against the official code (card
-  UNCONFIRMED): in ``optim/adamw.py`` the penalty's gradient lands on a detached copy of the
+  it has ≤ ``nuclear_min_masked`` masked entries. Checked against the official code (the paper
+  leaves this open): in ``optim/adamw.py`` the penalty's gradient lands on a detached copy of the
   dense parameter and never reaches the trainable values; in ``optim/adamw2.py`` (the dense,
   masked-update variant, which also has the ``mask.sum() > 100`` guard) it does reach the
   masked entries. We follow adamw2: the gradient reaches v. The draw uses a generator seeded

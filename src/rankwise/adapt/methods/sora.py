@@ -1,4 +1,4 @@
-"""SoRA: sparse low-rank adaptation with a proximal gate (Ding et al., EMNLP 2023; adapters.md §11).
+"""SoRA: sparse low-rank adaptation with a proximal gate (Ding et al., EMNLP 2023).
 
     y = W x + b + s · B (g ⊙ (A dropout(x))),   gate g (r,),   s = α/r
 

@@ -1,4 +1,4 @@
-"""VeRA: vector-based random matrix adaptation (Kopiczko et al., arXiv 2310.11454; adapters.md §7).
+"""VeRA: vector-based random matrix adaptation (Kopiczko et al., arXiv 2310.11454).
 
     y = W x + b + Λ_b B Λ_d A dropout(x),   Λ_d = diag(d) (r,),  Λ_b = diag(b) (out,)
 
