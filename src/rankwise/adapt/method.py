@@ -110,6 +110,13 @@ def check_fields(config_cls: type[MethodConfig], values: dict[str, Any], method:
         raise TypeError(f"{who} has no option(s) {unknown}: valid options are {sorted(valid)}")
 
 
+def check_alpha(value: float, name: str = "alpha") -> None:
+    """Raise ValueError unless `value` is a finite nonzero number (LoRA-style scale numerators)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value == 0:
+        raise ValueError(f"{name} must be a finite nonzero number, got {value!r}")
+
+
 def check_probability(name: str, value: float) -> None:
     """Raise ValueError unless 0 <= value < 1 (dropout-like fields)."""
     if not (isinstance(value, int | float) and 0.0 <= value < 1.0):

@@ -121,6 +121,13 @@ def check_fraction(value: object, name: str, what: str) -> float:
     return value
 
 
+def check_features(in_features: object, out_features: object) -> None:
+    """Raise ValueError unless both layer sizes are positive ints (bools rejected)."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def linear_weight(linear: nn.Module) -> torch.Tensor:
     """The (out, in) weight of an nn.Linear, with a clear error for anything else."""
     if not isinstance(linear, nn.Linear):
@@ -161,9 +168,7 @@ class ParameterizedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_features(in_features, out_features)
         self.in_features = in_features
         self.out_features = out_features
         if bias:
@@ -234,6 +239,12 @@ class ParameterizedLinear(nn.Module):
     # ------------------------------------------------------------------ helpers
     def _dense_weight_fp32(self) -> torch.Tensor:
         return self.dense_weight().to(compute_dtype(next(self.parameters()).dtype))
+
+    def _set_bias_(self, bias: torch.Tensor | None) -> None:
+        """Copy `bias` (if given) into this layer's bias without recording a gradient."""
+        if bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias)
 
     def _copy_bias_(self, linear: nn.Linear) -> None:
         if self.bias is not None and linear.bias is not None:

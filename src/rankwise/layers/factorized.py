@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rankwise import linalg
+from rankwise.layers._base import check_features
 from rankwise.linalg import break_even_rank, factorized_params, validate_rank
 
 __all__ = ["FactorizedLinear", "dense_parameters", "factorized_parameters", "saves_parameters"]
@@ -75,9 +76,7 @@ class FactorizedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_features(in_features, out_features)
         validate_rank(rank, out_features, in_features)
         self.in_features = in_features
         self.out_features = out_features

@@ -72,9 +72,7 @@ class LOSTLinear(ParameterizedLinear):
         self.A = nn.Parameter(A.detach().clone().to(B.dtype))
         self.S = nn.Parameter(S.detach().clone().to(B.dtype))
         self.register_buffer("channels", channels.detach().clone().long().to(B.device))
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(

@@ -61,9 +61,7 @@ class ReLoRALinear(ParameterizedLinear):
         self.dropout = nn.Dropout(float(dropout))
         self.register_buffer("restarts", torch.tensor(0, dtype=torch.long, device=weight.device))
         self.reinit_(make_generator(generator))
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(

@@ -111,9 +111,7 @@ class SSTLinear(ParameterizedLinear):
         self.register_buffer("sampled", idx)
         self.U_s = nn.Parameter(self.U.detach()[:, idx].clone())
         self.Vh_s = nn.Parameter(self.Vh.detach()[idx, :].clone())
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(

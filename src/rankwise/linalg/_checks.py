@@ -1,6 +1,6 @@
 """Shared input validation for rankwise.linalg: every error names the problem and the fix.
 
-Also holds the dtype policy of the package (design rule 5): factorisations run in fp32 at least
+Also holds the dtype policy of the package (`compute_dtype`): factorisations run in fp32 at least
 (fp16/bf16 are upcast, fp64 stays fp64); Grams, Cholesky and eigh run in fp64.
 """
 

@@ -1,6 +1,6 @@
 """Rank rules and rank allocation over many matrices.
 
-Words (design rule 7): `ratio` is the fraction of PARAMETERS removed (not of rank), `keep` = 1 -
+Words (used the same way across rankwise): `ratio` is the fraction of PARAMETERS removed (not of rank), `keep` = 1 -
 ratio. A rank-r factorisation B (m, r) @ A (r, n) of an (m, n) matrix stores r (m + n) numbers
 (biases are not counted) against m n dense, so it saves parameters only when r (m + n) < m n
 (the break-even rank r* = floor((m n - 1) / (m + n))). A square matrix must lose more than half its rank

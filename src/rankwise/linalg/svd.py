@@ -1,6 +1,6 @@
 """Singular value decompositions: exact, truncated and randomized (Halko, Martinsson, Tropp 2011).
 
-Dtype policy (design rule 5): every function here computes in fp32 at least. float16/bfloat16
+Dtype policy (`rankwise.linalg.compute_dtype`): every function here computes in fp32 at least. float16/bfloat16
 inputs are upcast to fp32, fp32 stays fp32, fp64 stays fp64, and the results are returned in that
 *compute* dtype; callers cast factors back to the model dtype themselves (so that a bf16 weight
 is never factorised in bf16 by accident).

@@ -1,6 +1,6 @@
 """Symmetric factorisations for whitening: Cholesky with jitter, eigh, and the two whiteners.
 
-All of it runs in fp64 (design rule 5) and returns fp64: Grams of activations are badly
+All of it runs in fp64 (the dtype policy of rankwise.linalg) and returns fp64: Grams of activations are badly
 conditioned and the triangular inverse amplifies fp32 rounding. Callers cast the final factors.
 
 SVD-LLM usage (Wang et al. 2024, "SVD-LLM: Truncation-aware singular value decomposition for

@@ -23,7 +23,6 @@ whose B is Σ B_i (it moves n× faster than one block).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,13 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_probability,
+    register_method,
+)
 from rankwise.linalg import kaiming_uniform
 
 
@@ -61,8 +66,7 @@ class BlockLoRAConfig(MethodConfig):
                 f"rank {self.rank} is not divisible by n_blocks {n}: each block has rank r/n; "
                 f"choose rank = {n * max(1, self.rank // n)}"
             )
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
 
     @property

@@ -43,7 +43,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import MethodConfig, check_probability, register_method
+from rankwise.adapt.method import MethodConfig, check_alpha, check_probability, register_method
 from rankwise.adapt.methods.lora import LoRABase
 
 
@@ -69,8 +69,7 @@ class EVAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
         if not isinstance(self.rho, int | float) or not math.isfinite(self.rho) or self.rho < 1:
             raise ValueError(f"rho must be a number >= 1 (1 = uniform ranks), got {self.rho!r}")

@@ -18,7 +18,6 @@ tensor stays finite (that row of Ũ_r then lacks the unit diagonal).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_alpha, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,7 @@ class LoLDUConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
 
 
 def ldu_factors(weight: torch.Tensor, rank: int, dtype: torch.dtype

@@ -46,7 +46,13 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_probability,
+    register_method,
+)
 from rankwise.linalg import kaiming_uniform, make_generator
 
 ROLES = ("A", "B")
@@ -95,8 +101,7 @@ class MoSConfig(MethodConfig):
                 f"the other {self.rank - p} rank vectors: raise budget_rank (or private_rank "
                 "to rank)"
             )
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
 
     @property

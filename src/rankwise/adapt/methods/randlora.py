@@ -37,7 +37,13 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_probability,
+    register_method,
+)
 from rankwise.adapt.methods._shared_bases import (
     check_saved_shape,
     generator,
@@ -119,8 +125,7 @@ class RandLoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
             raise ValueError(f"projection_prng_key must be an int, got {self.projection_prng_key!r}")
