@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ class Config:
         if not isinstance(values, typing.Mapping):
             raise TypeError(f"{cls.__name__} values must be a mapping, got {type(values).__name__}")
         check_keys(cls, values)
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         return cls(**{k: _coerce(hints.get(k), v) for k, v in values.items()})
 
     def replace(self, **changes: Any) -> Self:
@@ -142,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
     `defaults` overrides a field's default on this command line only (e.g. a subcommand with a
     different preset). Booleans become ``--flag/--no-flag``; tuples take several values.
     """
-    skip, hints, helps = set(exclude), typing.get_type_hints(cls), field_help(cls)
+    skip, hints, helps = set(exclude), _hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True) or not f.init:
             continue
@@ -170,11 +171,17 @@ def from_args(cls: type[C], namespace: argparse.Namespace, **overrides: Any) -> 
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
               if f.init and hasattr(namespace, f.name)}
     values.update(overrides)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     return cls(**{k: _coerce(hints.get(k), v) for k, v in values.items()})
 
 
 # ------------------------------------------------------------------------------- helpers
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of `cls` (cached: validation runs on every construction)."""
+    return typing.get_type_hints(cls)
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not _MISSING:
         return f.default
@@ -204,7 +211,7 @@ def _cli_type(tp: Any) -> tuple[Any, str | None]:
 def _choices(cls: type, f: dataclasses.Field) -> tuple[Any, ...] | None:
     if f.metadata.get("choices") is not None:
         return tuple(f.metadata["choices"])
-    tp = _strip_optional(typing.get_type_hints(cls).get(f.name))
+    tp = _strip_optional(_hints(cls).get(f.name))
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
