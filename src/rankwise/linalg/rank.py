@@ -258,8 +258,9 @@ def allocate(
 
 
 def _capped_cost(shape: tuple[int, int], rank: int) -> int:
+    """Stored parameters at `rank`, or dense when that rank would not save any."""
     m, n = shape
-    return rank * (m + n) if rank <= break_even_rank(m, n) else m * n
+    return factorized_params(m, n, rank if rank <= break_even_rank(m, n) else None)
 
 
 def _check_spectra(
