@@ -161,3 +161,13 @@ def test_registry_retries_a_loader_that_failed() -> None:
     for _ in range(2):  # the failure is raised again, not hidden behind an empty registry
         with pytest.raises(ModuleNotFoundError):
             reg.names()
+
+
+def test_top_level_names_reach_the_registry_and_config() -> None:
+    import rankwise
+    from rankwise.config import Config
+
+    assert rankwise.catalogue is catalogue
+    assert rankwise.registry.registry("adapter") is registry("adapter")
+    assert rankwise.config.Config is Config
+    assert issubclass(MethodConfig, Config)
