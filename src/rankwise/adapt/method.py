@@ -117,6 +117,15 @@ def check_alpha(value: float, name: str = "alpha") -> None:
         raise ValueError(f"{name} must be a finite nonzero number, got {value!r}")
 
 
+def check_integer(name: str, value: object, minimum: int | None = None) -> None:
+    """Raise ValueError unless `value` is an int (bools rejected) and >= `minimum` if given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}" if minimum is None else
+                         f"{name} must be an integer >= {minimum}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_probability(name: str, value: float) -> None:
     """Raise ValueError unless 0 <= value < 1 (dropout-like fields)."""
     if not (isinstance(value, int | float) and 0.0 <= value < 1.0):

@@ -35,6 +35,7 @@ from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
     check_alpha,
+    check_integer,
     check_probability,
     register_method,
 )
@@ -59,8 +60,7 @@ class BlockLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         n = self.n_blocks
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n_blocks must be an integer >= 1, got {n!r}")
+        check_integer("n_blocks", n, minimum=1)
         if self.rank % n:
             raise ValueError(
                 f"rank {self.rank} is not divisible by n_blocks {n}: each block has rank r/n; "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, register_method
+from rankwise.adapt.method import AdapterMethod, check_integer, register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
 from rankwise.linalg import make_generator
 
@@ -60,8 +60,7 @@ class DyLoRAConfig(LoRAConfig):
                              f"got {self.min_rank!r}")
         if self.update not in ("frozen", "full"):
             raise ValueError(f"update must be 'frozen' or 'full', got {self.update!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        check_integer("seed", self.seed)
 
 
 def sample_rank(config: DyLoRAConfig, step: int) -> int:

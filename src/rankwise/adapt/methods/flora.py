@@ -33,7 +33,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_integer,
+    check_probability,
+    register_method,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,10 +62,8 @@ class FLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         k = self.kernel_rank
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"kernel_rank must be an integer >= 1, got {k!r}")
-        if not isinstance(self.scale, int | float) or not math.isfinite(self.scale) or self.scale == 0:
-            raise ValueError(f"scale must be a finite nonzero number, got {self.scale!r}")
+        check_integer("kernel_rank", k, minimum=1)
+        check_alpha(self.scale, "scale")
         check_probability("dropout", self.dropout)
 
 

@@ -50,6 +50,7 @@ from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
     check_alpha,
+    check_integer,
     check_probability,
     register_method,
 )
@@ -84,12 +85,9 @@ class MoSConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("budget_rank", "num_chunks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_integer(name, getattr(self, name), minimum=1)
         p = self.private_rank
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"private_rank must be an integer >= 0, got {p!r}")
+        check_integer("private_rank", p, minimum=0)
         if p > self.rank or p > self.budget_rank:
             raise ValueError(
                 f"private_rank {p} exceeds rank {self.rank} or budget_rank {self.budget_rank}: "

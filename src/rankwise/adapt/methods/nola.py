@@ -35,6 +35,7 @@ from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
     check_alpha,
+    check_integer,
     check_probability,
     register_method,
 )
@@ -118,8 +119,7 @@ class NOLAConfig(MethodConfig):
         super().__post_init__()
         for name in ("num_basis_A", "num_basis_B", "chunk"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_integer(name, value, minimum=1)
         check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
 

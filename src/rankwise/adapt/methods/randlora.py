@@ -41,6 +41,7 @@ from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
     check_alpha,
+    check_integer,
     check_probability,
     register_method,
 )
@@ -127,8 +128,7 @@ class RandLoRAConfig(MethodConfig):
         super().__post_init__()
         check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
-            raise ValueError(f"projection_prng_key must be an int, got {self.projection_prng_key!r}")
+        check_integer("projection_prng_key", self.projection_prng_key)
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
 

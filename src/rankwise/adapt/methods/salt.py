@@ -33,7 +33,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_integer, register_method
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,9 +53,7 @@ class SALTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
-                or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        check_integer("lora_rank", self.lora_rank, minimum=0)
         if self.init not in ("official", "noop"):
             raise ValueError(f"init must be 'official' or 'noop', got {self.init!r}")
         if not isinstance(self.reg_weight, int | float) or not self.reg_weight >= 0:

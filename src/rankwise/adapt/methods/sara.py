@@ -49,7 +49,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_integer, register_method
 from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,8 +87,7 @@ class SaRAConfig(MethodConfig):
             raise ValueError(f"progressive_iter must be an integer >= 1 or None, got {p!r}")
         for name in ("nuclear_min_dim", "nuclear_min_masked"):
             d = getattr(self, name)
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {d!r}")
+            check_integer(name, d, minimum=0)
 
 
 def default_lr(threshold: float) -> float:
