@@ -68,7 +68,7 @@ from torch import nn
 
 from rankwise.adapt.geometry import Geometry
 from rankwise.config import Config, option
-from rankwise.linalg import validate_rank
+from rankwise.linalg import compute_dtype, validate_rank
 from rankwise.registry import Registry, registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -182,9 +182,9 @@ class AdapterMethod(nn.Module):
 
     @staticmethod
     def param_dtype(geometry: Geometry) -> torch.dtype:
-        """Adapter tensors are fp32 over a half-precision base (as PEFT's autocast), else its dtype."""
-        dtype = geometry.module.weight.dtype
-        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        """Adapter tensors are fp32 over a half-precision base (as PEFT's autocast), fp64 over fp64:
+        the compute dtype (`rankwise.linalg.compute_dtype`)."""
+        return compute_dtype(geometry.module.weight.dtype)
 
     @staticmethod
     def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
