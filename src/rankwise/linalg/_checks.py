@@ -96,7 +96,7 @@ def validate_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
     rank = int(rank)
     limit = min(m, n)
     if rank <= 0:
-        raise ValueError(f"{name} must be positive, got {rank}: choose 1 <= {name} <= {limit}")
+        raise ValueError(f"{name} must be positive (>= 1), got {rank}: choose 1 <= {name} <= {limit}")
     if rank > limit:
         raise ValueError(
             f"{name} {rank} exceeds min(m, n) = {limit} for a ({m}, {n}) matrix: "
