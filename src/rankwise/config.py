@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Self, TypeVar
 
-__all__ = ["Config", "add_arguments", "field_help", "from_args", "option"]
+__all__ = ["Config", "add_arguments", "document_fields", "field_help", "from_args", "option"]
 
 C = TypeVar("C", bound="Config")
 _MISSING = dataclasses.MISSING
@@ -95,8 +95,21 @@ def field_help(cls: type) -> dict[str, str]:
     documented: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # nearer classes override their bases
         documented.update(_docstring_attributes(vars(klass).get("__doc__")))
-    return {f.name: f.metadata.get("help") or documented.get(f.name, "")
+    # an `option` help wins; help that `document_fields` copied from a docstring does not, since
+    # a subclass sharing the field may document it differently
+    return {f.name: (f.metadata.get("help") if not f.metadata.get("help_from_doc") else "")
+            or documented.get(f.name, "") or f.metadata.get("help", "")
             for f in dataclasses.fields(cls)}
+
+
+def document_fields(cls: type) -> type:
+    """Record each field's help (`field_help`) in its metadata, where `option` did not: after
+    this, ``f.metadata["help"]`` holds the text for every field of `cls`. Returns `cls`."""
+    for f, text in zip(dataclasses.fields(cls), field_help(cls).values(), strict=True):
+        if not f.metadata.get("help"):
+            f.metadata = types.MappingProxyType({"cli": True, "choices": None, **f.metadata,
+                                                 "help": text, "help_from_doc": True})
+    return cls
 
 
 def _docstring_attributes(doc: str | None) -> dict[str, str]:

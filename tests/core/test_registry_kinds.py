@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ def test_method_configs_are_configs_with_help_for_every_field() -> None:
         helps = field_help(type(config))
         missing = [field for field, text in helps.items() if not text]
         assert not missing, f"{name}: fields without help text {missing}"
+        assert all(f.metadata["help"] for f in dataclasses.fields(config))  # document_fields
         with pytest.raises(TypeError, match="no option"):
             type(config).from_dict({**config.to_dict(), "no_such_field": 1})
 

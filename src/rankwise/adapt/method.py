@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from rankwise.adapt.geometry import Geometry
-from rankwise.config import Config, option
+from rankwise.config import Config, document_fields, option
 from rankwise.linalg import compute_dtype, validate_rank
 from rankwise.registry import Registry, registry
 
@@ -281,6 +281,7 @@ def register_method(
         if not (isinstance(klass, type) and issubclass(klass, AdapterMethod)):
             raise TypeError(f"{klass!r} is not an AdapterMethod subclass")
         check_fields(klass.config_cls, preset, name)
+        document_fields(klass.config_cls)  # docstring help into each field's metadata
         _registry().register(name, klass, summary=summary, **preset)
         if "name" not in vars(klass) or not klass.name:
             klass.name = name  # a subclass registers under its own name, not its parent's
