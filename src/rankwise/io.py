@@ -184,7 +184,7 @@ def verify_files(root: str | os.PathLike[str], recorded: Any, *, marker: str, fu
         if path.stat().st_size != rec["bytes"] or (full and file_digest(path) != rec[HASH]):
             raise ValueError(
                 f"{path} does not match the checksum recorded in {marker}: the file is corrupt or "
-                "was changed after saving; re-create the directory from its source"
+                "truncated, or was changed after saving; re-create the directory from its source"
             )
 
 
