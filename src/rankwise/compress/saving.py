@@ -39,7 +39,6 @@ __all__ = ["FORMAT", "MARKER", "export_peft", "is_compressed_dir", "load_compres
 FORMAT = 1
 MARKER = "rankwise_compression.json"
 WEIGHTS = "model.safetensors"
-PEFT_MANIFEST = "rankwise_manifest.json"  # checksums beside a PEFT export (PEFT ignores it)
 
 
 def is_compressed_dir(path: str | os.PathLike[str]) -> bool:
@@ -340,9 +339,8 @@ def export_peft(
             also gets rankwise_manifest.json (checksums; PEFT ignores the file).
         tokenizer: saved with the base model.
     """
-    from rankwise import surgery
+    from rankwise import io, surgery
     from rankwise.compress.eora import CompensatedLinear
-    from rankwise.io import check_output, digest_files, publish_dir, save_tensors, write_json
     from rankwise.stages import check_savable
 
     check_savable(model, "export_peft")
@@ -379,11 +377,11 @@ def export_peft(
     }
     directory = Path(directory)
     if base_directory is not None:
-        check_output(base_directory, sources=[directory], flag="the base directory")
-    with publish_dir(directory) as tmp:
-        save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", config)
-        write_json(tmp / PEFT_MANIFEST, {"format": "rankwise-manifest", "files": digest_files(tmp)})
+        io.check_output(base_directory, sources=[directory], flag="the base directory")
+    with io.publish_dir(directory) as tmp:
+        io.save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        io.write_json(tmp / "adapter_config.json", config)
+        io.write_json(tmp / io.MANIFEST, {"format": "rankwise-manifest", "files": io.digest_files(tmp)})
     if base_directory is not None:
         with surgery.replaced(model, {f: m.base_layer for f, m in comps.items()}):
             save_compressed(model, base_directory, tokenizer=tokenizer)
