@@ -57,19 +57,9 @@ from rankwise.io import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMAT",
-    "checkpoint_dirs",
-    "export_dense",
-    "flatten_state",
-    "get_rng_state",
-    "checkpoint_to_resume",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "read_checkpoint_meta",
-    "save_checkpoint",
-    "set_rng_state",
-    "unflatten_state",
-    "write_checkpoint_dir",
+    "FORMAT", "checkpoint_dirs", "export_dense", "flatten_state", "get_rng_state",
+    "checkpoint_to_resume", "latest_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+    "save_checkpoint", "set_rng_state", "unflatten_state", "write_checkpoint_dir"
 ]
 
 FORMAT = "rankwise.pretrain-checkpoint"
@@ -227,9 +217,9 @@ def read_checkpoint_meta(
 
 
 def _verify(path: Path) -> None:
-    """Full checksum check of a checkpoint (once per process while its files are unchanged)."""
+    """Full checksum check (once per process while the files are unchanged; none before manifests)."""
     if not (path / MANIFEST).is_file():
-        return  # a checkpoint from before manifests
+        return
     files = sorted(p for p in path.rglob("*") if p.is_file())
     stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if _verified.get(str(path)) == stats:
