@@ -164,14 +164,12 @@ def _complete(path: Path) -> bool:
     if not (path / MANIFEST).is_file():
         return (path / "state.json").is_file()  # written before manifests existed
     try:
-        manifest = read_json(path / MANIFEST)
-        missing = [f for f in manifest["files"] if not (path / f).is_file()]
-        if missing:
-            raise ValueError(f"{missing[0]} is missing")
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        logger.warning("skipping incomplete checkpoint %s (%s)", path, exc)
-        return False
-    return True
+        missing = [f for f in read_json(path / MANIFEST)["files"] if not (path / f).is_file()]
+    except (ValueError, OSError, KeyError, TypeError):
+        missing = ["manifest.json (unreadable)"]
+    if missing:
+        logger.warning("skipping incomplete checkpoint %s (%s is missing)", path, missing[0])
+    return not missing
 
 
 def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
