@@ -190,7 +190,9 @@ def verify_files(root: str | os.PathLike[str], recorded: Any, *, marker: str, fu
 
 
 def verify_manifest(root: str | os.PathLike[str]) -> None:
-    """Check the files listed in `root`/rankwise_manifest.json, when there is one."""
+    """Check the files listed in `root`/rankwise_manifest.json, when there is one (after `recover`
+    puts back a copy that a killed publish left renamed away)."""
+    recover(root)
     path = Path(root) / MANIFEST
     if path.is_file():
         manifest = read_json(path)
@@ -241,7 +243,7 @@ def _writable(directory: Path) -> bool:
     if not os.access(directory, os.W_OK | os.X_OK):
         return False
     try:  # root passes os.access; a read-only mount or /proc still refuses
-        fd, name = tempfile.mkstemp(prefix=".rankwise-probe-", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=f".rankwise-probe-{os.getpid()}-", dir=directory)
     except OSError:
         return False
     os.close(fd)
@@ -271,6 +273,11 @@ def recover(target: str | os.PathLike[str]) -> None:
     target = Path(target)
     if not target.parent.is_dir():
         return
+    for folder in (target.parent, target):  # writability probes of killed processes
+        for probe in folder.glob(".rankwise-probe-*") if folder.is_dir() else ():
+            pid = probe.name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                probe.unlink(missing_ok=True)
     stale = []
     for entry in target.parent.glob(f".{glob_escape(target.name)}.rankwise-*"):
         m = _SIBLING.match(entry.name)
