@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-
-from tests.faults.conftest import compressed_llama, tiny_llama
+from fault_harness import compressed_llama, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-
-from tests.faults.conftest import (
+from fault_harness import (
     compressed_llama,
     count_ops,
     kill_points,

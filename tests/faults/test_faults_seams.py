@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fault_harness import calib_ids, tiny_llama
 
 from rankwise import adapt
-from tests.faults.conftest import calib_ids, tiny_llama
 
 IDS = calib_ids()
 
