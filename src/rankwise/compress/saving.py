@@ -10,8 +10,12 @@ Layout of a directory written by `save_compressed`:
                                 tied weights stored once
     tokenizer files             when a tokenizer is given
     rankwise_compression.json   format, architecture, per-layer structure and ranks, the
-                                CompressionReport; written last, so its presence marks a
-                                complete directory
+                                CompressionReport, and "files": the SHA-256 and size of every
+                                other file (checked on load); written last
+
+The directory is built beside its destination and published by one rename
+(rankwise.io.publish_dir): a save killed at any point leaves the previous directory or the new
+one. The marker is validated field by field before any layer is allocated.
 
 `load_compressed(dir)` builds the architecture from config.json with stock transformers classes
 (no pickles, no `trust_remote_code`), swaps in FactorizedLinear / CompensatedLinear at the

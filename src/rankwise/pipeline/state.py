@@ -36,7 +36,7 @@ class PipelineState:
     """The finished stages of one run in `out`, and where their models live."""
 
     def __init__(self, out: str | Path, config: ShrinkConfig, *, resume: bool) -> None:
-        from rankwise.io import read_json, recover_all
+        from rankwise.io import read_json, recover, recover_all
 
         self.out = Path(out)
         self.root = self.out / STATE_DIR
@@ -45,6 +45,7 @@ class PipelineState:
         self.stages: dict[str, dict[str, Any]] = {}
         self.extra: dict[str, Any] = {}
         self.reused: list[str] = []
+        recover(self.out)  # an export killed between its renames moved this state away with it
         recover_all(self.root)  # stage directories a killed save left half-published
         if not resume:
             remove_dir(self.root)  # renamed away first: no half-deleted state is ever read
