@@ -233,3 +233,17 @@ def test_calibration_ids_beyond_the_vocabulary_are_refused_before_work():
     with pytest.raises(ValueError, match=r"vocabulary is \[0, 96\).*model's own"):
         compress_(model, "svd-llm", 0.2, calibration=ids, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_gives_a_clear_error():
+    """Calibration text tokenised by a tokenizer with ids beyond the model's vocabulary (a
+    mismatched tokenizer): ValueError naming the fix, not a raw IndexError, model unchanged."""
+    from rankwise.compress import compress_
+    from rankwise.models import load_tokenizer
+
+    model = tiny_llama(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary.*own tokenizer"):
+        compress_(model, "svd-llm", 0.2, tokenizer=load_tokenizer("minilm-l6"), n_samples=4, seq_len=32,
+                  progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

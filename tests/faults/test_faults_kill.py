@@ -212,3 +212,61 @@ def test_kill_write_json_keeps_old_or_new_and_cleans_temp(tmp_path):
         assert json.loads(path.read_text())["v"] in (1, 2)
     write_json(path, {"v": 3})
     assert leftovers(tmp_path) == []
+
+
+def test_kill_eora_peft_export_keeps_each_directory_old_or_new(tmp_path):
+    """`rankwise compress --method eora --peft-out`: the adapter and its base model directory
+    are each the old or the new one after a kill (they are published one after the other)."""
+    from fault_harness import calib_ids
+
+    from rankwise import adapt
+    from rankwise.compress import compensate_, export_peft, load_compressed
+
+    def make(seed):
+        model = tiny_llama(seed)
+        compensate_(model, "int4", 2, calibration=calib_ids(), progress=False, target_modules=["q_proj"])
+        return model
+
+    a, b = make(0), make(1)
+    peft, base = tmp_path / "peft", tmp_path / "base"
+
+    def load_pair():
+        model = load_compressed(base)
+        return model.state_dict(), _adapter_state(adapt.import_peft(model, peft))
+
+    def state_of(model):
+        export_peft(model, tmp_path / "ref" / "p", base_directory=tmp_path / "ref" / "b")
+        out = load_compressed(tmp_path / "ref" / "b").state_dict(), _adapter_state(
+            adapt.import_peft(load_compressed(tmp_path / "ref" / "b"), tmp_path / "ref" / "p"))
+        return out
+
+    (base_a, ad_a), (base_b, ad_b) = state_of(a), state_of(b)
+    export_peft(a, peft, base_directory=base)
+    n = count_ops(lambda: export_peft(b, peft, base_directory=base))
+    for k in kill_points(n, 8, seed=3):
+        export_peft(a, peft, base_directory=base)
+        run_killed(lambda: export_peft(b, peft, base_directory=base), k)
+        model = load_compressed(base)
+        assert same_state(model.state_dict(), base_a) or same_state(model.state_dict(), base_b)
+        got = _adapter_state(adapt.import_peft(model, peft))
+        assert same_state(got, ad_a) or same_state(got, ad_b)
+    export_peft(b, peft, base_directory=base)
+    assert same_state(load_pair()[1], ad_b) and leftovers(tmp_path) == []
+
+
+def test_kill_squeeze_keeps_old_or_new(tmp_path):
+    from rankwise import adapt
+    from rankwise.compress.squeeze import squeeze_peft_adapter
+
+    src = adapt.export_peft(_adapted(1), tmp_path / "src")
+    out = tmp_path / "squeezed"
+
+    def load():
+        return _adapter_state(adapt.import_peft(tiny_llama(0), out))
+
+    squeeze_peft_adapter(src, out, 1)
+    one = load()
+    squeeze_peft_adapter(src, out, 2)
+    two = load()
+    _check_kills(tmp_path, lambda: squeeze_peft_adapter(src, out, 1), lambda: squeeze_peft_adapter(src, out, 2),
+                 load, one, two, points=6)
