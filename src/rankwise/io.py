@@ -338,6 +338,8 @@ def publish_dir(
     """
     target = Path(target)
     check_output(target, sources=sources)
+    if target.is_symlink():  # publish where the link points; the link itself stays
+        target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     tmp = _sibling(target, "tmp")
@@ -349,14 +351,14 @@ def publish_dir(
             verify(tmp)
         _fsync_tree(tmp)
         old = None
-        if target.exists() or target.is_symlink():
+        if target.exists():
             old = _sibling(target, "old" if merge else "gone")
             os.rename(target, old)
         os.rename(tmp, target)
         if old is not None:
             if merge and old.is_dir():
                 _carry(old, target)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            shutil.rmtree(old)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
