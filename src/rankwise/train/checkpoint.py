@@ -152,11 +152,8 @@ def checkpoint_dirs(out: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and _complete(child):
-            found.append((int(match.group(1)), child))
+    recover_all(root)  # a re-save of a step killed between its renames: put the old copy back
+    found = [(int(m.group(1)), c) for c in root.iterdir() if (m := _STEP_DIR.match(c.name)) and _complete(c)]
     return sorted(found)
 
 
