@@ -95,8 +95,10 @@ def kill_points(n: int, how_many: int = 8, seed: int = 0) -> list[int]:
 
 def leftovers(root: Path) -> list[str]:
     """Temporary or half-deleted entries anywhere under `root`."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if ".rankwise-" in p.name or p.name.endswith(".tmp") or p.name.startswith(".tmp-"))
+    import re
+
+    temp = re.compile(r"\.rankwise-(tmp|old|gone|trash|probe)-|\.tmp$|^\.tmp-")
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if temp.search(p.name))
 
 
 def tiny_llama(seed: int = 0, layers: int = 2):

@@ -131,3 +131,28 @@ def test_stale_file_temp_of_a_dead_writer_is_removed_by_the_next_write(tmp_path)
     live.write_text("{writing")
     io.write_json(tmp_path / "state.json", {"ok": True})
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"format": 1, "stages": []}', "{ half"])
+def test_malformed_pipeline_state_is_a_clear_error(tmp_path, content):
+    from rankwise.pipeline.config import ShrinkConfig
+    from rankwise.pipeline.state import STATE_DIR, PipelineState
+
+    (tmp_path / STATE_DIR).mkdir()
+    (tmp_path / STATE_DIR / "state.json").write_text(content)
+    with pytest.raises(ValueError, match=r"state\.json (is malformed|is not valid JSON)"):
+        PipelineState(tmp_path, ShrinkConfig(model="m"), resume=True)
+
+
+def test_an_export_killed_between_its_renames_keeps_the_pipeline_state(tmp_path):
+    """shrink's export publishes into OUT, which holds .rankwise-pipeline: a kill between the two
+    renames moves the state away with the old copy; the resumed run puts it back first."""
+    from rankwise.pipeline.config import ShrinkConfig
+    from rankwise.pipeline.state import STATE_DIR, PipelineState
+
+    out = tmp_path / "out"
+    (out / STATE_DIR).mkdir(parents=True)
+    io.write_json(out / STATE_DIR / "state.json", {"format": 1, "stages": {}, "config": {}})
+    os.rename(out, tmp_path / f".out.rankwise-old-{_dead_pid()}-0004")
+    PipelineState(out, ShrinkConfig(model="m"), resume=True)
+    assert (out / STATE_DIR / "state.json").is_file() and leftovers(tmp_path) == []
