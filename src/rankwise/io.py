@@ -165,8 +165,18 @@ def digest_files(root: str | os.PathLike[str], *, exclude: Iterable[str] = ()) -
     return out
 
 
-def verify_files(root: str | os.PathLike[str], recorded: Any, *, marker: str, full: bool = True) -> None:
+def verify_files(
+    root: str | os.PathLike[str],
+    recorded: Any,
+    *,
+    marker: str,
+    full: bool = True,
+    only: Callable[[str], bool] | None = None,
+) -> None:
     """Check the files `recorded` by `digest_files` (sizes; with `full`, SHA-256 too).
+
+    The whole record is validated (types, no path leaving `root`); `only(name)` limits which
+    files are then checked (those a loader reads).
 
     Raises:
         ValueError: a malformed record, a missing file, or one whose bytes changed; the message
@@ -178,9 +188,15 @@ def verify_files(root: str | os.PathLike[str], recorded: Any, *, marker: str, fu
         and isinstance(v.get("bytes"), int) for k, v in recorded.items()
     ):
         raise ValueError(f"{root / marker}: its 'files' record is malformed; the file is corrupt: re-save the directory")
+    escaping = [rel for rel in recorded if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if escaping:
+        raise ValueError(f"{root / marker}: its 'files' record names {escaping[0]!r}, outside the directory; "
+                         "the file is corrupt or was edited: re-save the directory")
     for rel, rec in recorded.items():
+        if only is not None and not only(rel):
+            continue
         path = root / rel
-        if ".." in Path(rel).parts or not path.is_file():
+        if not path.is_file():
             raise ValueError(f"{path} is missing (listed in {marker}): the directory is incomplete; re-save it")
         if path.stat().st_size != rec["bytes"] or (full and file_digest(path) != rec[HASH]):
             raise ValueError(

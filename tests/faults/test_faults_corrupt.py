@@ -247,3 +247,21 @@ def test_a_tokenizer_larger_than_the_vocabulary_gives_a_clear_error():
         compress_(model, "svd-llm", 0.2, tokenizer=load_tokenizer("minilm-l6"), n_samples=4, seq_len=32,
                   progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tokenizer_files_may_be_edited_but_the_config_may_not(tmp_path):
+    """Loaders check what they read: a chat template added to the tokenizer config is fine; an
+    edited config.json (it decides the architecture) is caught."""
+    from rankwise.compress import load_compressed, save_compressed
+    from rankwise.models import load_tokenizer
+
+    out = save_compressed(compressed_llama(0), tmp_path / "m", tokenizer=load_tokenizer("minilm-l6"))
+    tok_cfg = out / "tokenizer_config.json"
+    cfg = json.loads(tok_cfg.read_text())
+    cfg["chat_template"] = "{{ messages }}"
+    tok_cfg.write_text(json.dumps(cfg))
+    load_compressed(out)
+    config = out / "config.json"
+    config.write_text(config.read_text().replace('"hidden_size": 32', '"hidden_size": 64'))
+    with pytest.raises(ValueError, match=r"config\.json does not match the checksum"):
+        load_compressed(out)

@@ -202,8 +202,9 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
             "rankwise.load_model, or compress a model first)"
         )
     meta = _check_marker(read_json(directory / MARKER), directory / MARKER)
-    if "files" in meta:  # directories written before checksums were recorded have none
-        verify_files(directory, meta["files"], marker=MARKER)
+    if "files" in meta:  # the files this load reads (tokenizer files may be edited freely)
+        verify_files(directory, meta["files"], marker=MARKER,
+                     only=lambda name: name in _CHECKED or name.endswith(".safetensors"))
     saved_dtype = getattr(torch, meta["dtype"])
     cls = _architecture(meta["architecture"])
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
@@ -247,6 +248,7 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
 
 
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
+_CHECKED = ("config.json", "generation_config.json")
 
 
 def _bad(path: Path, what: str) -> ValueError:
