@@ -14,6 +14,7 @@ Promises (docs/reliability.md):
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -66,7 +67,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         m = _FILE_TMP.match(stale.name)
         if m and m["name"] == target.name and not _alive(int(m["pid"])):
             stale.unlink(missing_ok=True)
@@ -84,11 +85,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
-
-
-def glob_escape(name: str) -> str:
-    """`name` with glob metacharacters escaped."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -295,7 +291,7 @@ def recover(target: str | os.PathLike[str]) -> None:
             if pid.isdigit() and not _alive(int(pid)):
                 probe.unlink(missing_ok=True)
     stale = []
-    for entry in target.parent.glob(f".{glob_escape(target.name)}.rankwise-*"):
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.rankwise-*"):
         m = _SIBLING.match(entry.name)
         if m and m["name"] == target.name and not _alive(int(m["pid"])):
             stale.append((m["role"], entry))
