@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.rankwise-installed
 
-.PHONY: setup demo test lint bench data clean
+.PHONY: setup demo test test-gpu lint bench data clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+# The device suite (tests/gpu: autocast, device-resident optimizer state, compression on the
+# device) and benchmarks/gpu.py, which writes benchmarks/results/gpu.{json,md}. On a GPU machine
+# the venv needs a CUDA build of torch (docs/gpu.md); without CUDA the cuda cases skip and the
+# benchmark measures nothing.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu
+	$(PY) benchmarks/gpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,7 @@ Importing rankwise is cheap and has no side effects: submodules load on first us
     import rankwise
     model = rankwise.load_model("smollm2-135m")
     rankwise.linalg.randomized_svd(W, rank=64)
+    rankwise.catalogue()          # every registered method of every kind (`rankwise list`)
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ _LAZY = {
     "optim": ("rankwise.optim", None),
     "layers": ("rankwise.layers", None),
     "compress": ("rankwise.compress", None),
+    "config": ("rankwise.config", None),
+    "registry": ("rankwise.registry", None),
+    "catalogue": ("rankwise.registry", "catalogue"),
     "adapt_": ("rankwise.adapt", "adapt_"),
     "load_model": ("rankwise.models", "load_model"),
     "load_tokenizer": ("rankwise.models", "load_tokenizer"),
@@ -39,7 +43,9 @@ __all__ = [
     "adapt",
     "adapt_",
     "calibrate",
+    "catalogue",
     "compress",
+    "config",
     "data",
     "eval",
     "inspect",
@@ -51,6 +57,7 @@ __all__ = [
     "models",
     "optim",
     "profiling",
+    "registry",
     "surgery",
 ]
 
@@ -59,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
         adapt,
         calibrate,
         compress,
+        config,
         data,
         eval,
         inspect,
@@ -68,10 +76,12 @@ if TYPE_CHECKING:  # pragma: no cover
         models,
         optim,
         profiling,
+        registry,
         surgery,
     )
     from rankwise.adapt import adapt_
     from rankwise.models import load_model, load_tokenizer
+    from rankwise.registry import catalogue
 
 
 def __getattr__(name: str) -> Any:

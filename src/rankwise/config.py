@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Self, TypeVar
 
-__all__ = ["Config", "add_arguments", "from_args", "option"]
+__all__ = ["Config", "add_arguments", "document_fields", "field_help", "from_args", "option"]
 
 C = TypeVar("C", bound="Config")
 _MISSING = dataclasses.MISSING
@@ -74,7 +75,7 @@ class Config:
         if not isinstance(values, typing.Mapping):
             raise TypeError(f"{cls.__name__} values must be a mapping, got {type(values).__name__}")
         check_keys(cls, values)
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         return cls(**{k: _coerce(hints.get(k), v) for k, v in values.items()})
 
     def replace(self, **changes: Any) -> Self:
@@ -84,8 +85,58 @@ class Config:
 
     @classmethod
     def help_text(cls, name: str) -> str:
-        """The help text of field `name`."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
+        """The help text of field `name`: its `option` help, else its line in the docstring's
+        ``Attributes:`` section (of this class or the nearest base that documents it)."""
+        return field_help(cls)[name]
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: help}`` for every field of dataclass `cls` (see `Config.help_text`)."""
+    documented: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # nearer classes override their bases
+        documented.update(_docstring_attributes(vars(klass).get("__doc__")))
+    # an `option` help wins; help that `document_fields` copied from a docstring does not, since
+    # a subclass sharing the field may document it differently
+    return {f.name: (f.metadata.get("help") if not f.metadata.get("help_from_doc") else "")
+            or documented.get(f.name, "") or f.metadata.get("help", "")
+            for f in dataclasses.fields(cls)}
+
+
+def document_fields(cls: type) -> type:
+    """Record each field's help (`field_help`) in its metadata, where `option` did not: after
+    this, ``f.metadata["help"]`` holds the text for every field of `cls`. Returns `cls`."""
+    for f, text in zip(dataclasses.fields(cls), field_help(cls).values(), strict=True):
+        if not f.metadata.get("help"):
+            f.metadata = types.MappingProxyType({"cli": True, "choices": None, **f.metadata,
+                                                 "help": text, "help_from_doc": True})
+    return cls
+
+
+def _docstring_attributes(doc: str | None) -> dict[str, str]:
+    """Entries of a Google-style ``Attributes:`` section, continuation lines joined."""
+    found: dict[str, str] = {}
+    lines = (doc or "").expandtabs().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Attributes:"]
+    if not starts:
+        return found
+    header = lines[starts[0]]
+    base = len(header) - len(header.lstrip())
+    entry_indent, current = None, []
+    for line in lines[starts[0] + 1:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= base:
+            break  # the section ended
+        key, sep, text = line.strip().partition(":")
+        names = [k.strip() for k in key.split(",")]  # "beta1, beta2: ..." documents both
+        if entry_indent in (None, indent) and sep and all(n.isidentifier() for n in names):
+            entry_indent, current = indent, names
+            found.update(dict.fromkeys(names, text.strip()))
+        else:
+            for name in current:
+                found[name] = f"{found[name]} {line.strip()}".strip()
+    return found
 
 
 def check_keys(cls: type, values: typing.Mapping[str, Any]) -> None:
@@ -105,14 +156,14 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
     `defaults` overrides a field's default on this command line only (e.g. a subcommand with a
     different preset). Booleans become ``--flag/--no-flag``; tuples take several values.
     """
-    skip, hints = set(exclude), typing.get_type_hints(cls)
+    skip, hints, helps = set(exclude), _hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True) or not f.init:
             continue
         default = (defaults or {}).get(f.name, _field_default(f))
         kind, nargs = _cli_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": default,
-                                  "help": f"{f.metadata.get('help', '')} (default: %(default)s)"}
+                                  "help": f"{helps[f.name]} (default: %(default)s)"}
         choices = _choices(cls, f)
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -133,11 +184,17 @@ def from_args(cls: type[C], namespace: argparse.Namespace, **overrides: Any) -> 
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
               if f.init and hasattr(namespace, f.name)}
     values.update(overrides)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     return cls(**{k: _coerce(hints.get(k), v) for k, v in values.items()})
 
 
 # ------------------------------------------------------------------------------- helpers
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of `cls` (cached: validation runs on every construction)."""
+    return typing.get_type_hints(cls)
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not _MISSING:
         return f.default
@@ -167,7 +224,7 @@ def _cli_type(tp: Any) -> tuple[Any, str | None]:
 def _choices(cls: type, f: dataclasses.Field) -> tuple[Any, ...] | None:
     if f.metadata.get("choices") is not None:
         return tuple(f.metadata["choices"])
-    tp = _strip_optional(typing.get_type_hints(cls).get(f.name))
+    tp = _strip_optional(_hints(cls).get(f.name))
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 

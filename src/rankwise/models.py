@@ -33,15 +33,11 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from rankwise.io import default_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -385,6 +381,8 @@ def _cached_conversion(
     """Return a float safetensors copy of `source/gguf`, converting it on first use."""
     from filelock import FileLock
 
+    from rankwise.io import remove_dir
+
     target = _cache_dir_for(source, gguf, bundled, cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     # One converter at a time (e.g. two pytest-xdist workers): the second waits, then reuses.
@@ -394,7 +392,7 @@ def _cached_conversion(
                 return target
             if not rebuild:
                 logger.warning("cached model %s is corrupt or incomplete: rebuilding it", target)
-            shutil.rmtree(target)
+            remove_dir(target)
         _convert_gguf(Path(source), gguf, target)
     return target
 
@@ -429,15 +427,11 @@ def _convert_gguf(source: Path, gguf: str, target: Path) -> None:
     model, tokenizer = _dequantize_gguf(source, gguf)
     _strip_quantization(model)
     # Build beside the target, then one rename: the cache dir is complete or absent.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        tmp.chmod(default_mode(directory=True))  # mkdtemp makes it private; the cache is an ordinary folder
+    from rankwise.io import publish_dir
+
+    with publish_dir(target, merge=False) as tmp:  # also removes what a killed conversion left
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _dequantize_gguf(source: Path, gguf: str) -> tuple[Any, Any]:

@@ -77,14 +77,16 @@ class Registry:
     """Named entries of one kind (see the module docstring for the naming rule).
 
     Args:
-        kind: what the entries are ("adapter", "optimizer", ...), used in error messages.
+        kind: what the entries are ("adapter", "optimizer", ...).
         loader: a module whose import registers the built-in entries (imported on first
             lookup, so registering modules may import this one without cycles).
+        noun: how error messages call one entry (default: `kind`), e.g. "adapter method".
     """
 
-    def __init__(self, kind: str, loader: str | None = None) -> None:
+    def __init__(self, kind: str, loader: str | None = None, *, noun: str | None = None) -> None:
         self.kind = kind
         self.loader = loader
+        self.noun = noun or kind
         self._entries: dict[str, Entry] = {}
         self._loaded = loader is None
 
@@ -104,7 +106,7 @@ class Registry:
         def add(obj: Any) -> Any:
             old = self._entries.get(name)
             if old is not None and not replace and old.target is not obj:
-                raise ValueError(f"{self.kind} {name!r} is already registered to {old.target!r}")
+                raise ValueError(f"{self.noun} {name!r} is already registered to {old.target!r}")
             self._entries[name] = Entry(self.kind, name, obj, MappingProxyType(dict(defaults)),
                                         summary)
             return obj
@@ -125,7 +127,7 @@ class Registry:
             close = difflib.get_close_matches(key, self._entries, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"unknown {self.kind} {name!r}{hint}: choose one of {self.names()}"
+                f"unknown {self.noun} {name!r}{hint}: choose one of {self.names()}"
             ) from None
 
     def names(self) -> list[str]:
@@ -150,7 +152,11 @@ class Registry:
     def _load_builtin(self) -> None:
         if not self._loaded:
             self._loaded = True  # set first: the loader's imports call back into register()
-            importlib.import_module(self.loader)  # type: ignore[arg-type]
+            try:
+                importlib.import_module(self.loader)  # type: ignore[arg-type]
+            except BaseException:
+                self._loaded = False  # a failed import is retried (and re-raised) next lookup
+                raise
 
 
 # Every kind rankwise has, with the module that registers its built-in entries.
@@ -161,7 +167,10 @@ KINDS: dict[str, str] = {
     "layer": "rankwise.layers",
     "healing": "rankwise.pipeline.healing",
 }
-_REGISTRIES: dict[str, Registry] = {kind: Registry(kind, loader) for kind, loader in KINDS.items()}
+# How error messages name one entry where "unknown <kind>" alone would be ambiguous.
+_NOUNS = {"adapter": "adapter method", "layer": "layer method"}
+_REGISTRIES: dict[str, Registry] = {kind: Registry(kind, loader, noun=_NOUNS.get(kind))
+                                    for kind, loader in KINDS.items()}
 
 
 def registry(kind: str) -> Registry:

@@ -1,17 +1,14 @@
-"""AdaLoRA (adapters.md §12): cubic budget schedule, global masking of the lowest-importance
-triplets, importance EMA, orthogonality penalty, no silent degradation, T-tests."""
+"""AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512; ΔW = P Λ Q with importance-masked Λ):
+cubic budget schedule, global masking of the lowest-importance triplets, importance EMA,
+orthogonality penalty ‖PᵀP − I‖ + ‖QQᵀ − I‖, no silent degradation without the rules.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from adapt_checks import (
-    assert_merge_roundtrip,
-    assert_save_load_equal,
-    inputs_for,
-    layers_model,
-    run,
-)
+from adapt_checks import inputs_for, layers_model, run
 
 from rankwise import adapt
 from rankwise.adapt.methods.adalora import budget_schedule
@@ -140,18 +137,13 @@ def test_orthogonality_penalty_and_its_gradient():
     torch.testing.assert_close(methods[0].A.detach(), A0 - 0.1 * ref[0].grad)
 
 
-def test_init_count_merge_save_and_no_silent_lora(tmp_path, perturb):
-    base = layers_model(SHAPES)
+def test_count_and_delta_are_the_svd_form_and_no_silent_lora(perturb):
     model = adapted()
     xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     assert adapt.trainable_parameter_count(model) == sum(4 * (o + i + 1) for o, i in SHAPES.values())
     perturb(model)
     m = model["a"].adapter
     torch.testing.assert_close(m.delta_weight(), (8.0 / (4 + 1e-5)) * m.B @ torch.diag(m.E) @ m.A)
-    assert_merge_roundtrip(model, xs)
-    assert_save_load_equal(model, layers_model(SHAPES), xs, tmp_path)
     model.train()
     with pytest.raises(RuntimeError, match="attach_rules"):
         run(model, xs)

@@ -1,4 +1,7 @@
-"""ALLoRA (adapters.md §15): no α/dropout, gradient × c(‖θ‖), monotone, T-init/merge/count."""
+"""ALLoRA (arXiv 2410.09692; y = W x + B A x, no α and no dropout): gradients scaled by
+c(‖θ‖) = 1/√(‖θ‖² + 1/η²) per row or matrix, a larger norm gives a smaller step, count r(m + n).
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -7,9 +10,6 @@ import dataclasses
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
-    assert_save_load_equal,
     inputs_for,
     layers_model,
     run,
@@ -39,16 +39,12 @@ def raw_grads(model, xs):
     return out
 
 
-def test_no_alpha_or_dropout_and_init_is_a_noop():
+def test_no_alpha_or_dropout_and_count_is_r_times_m_plus_n():
     fields = {f.name for f in dataclasses.fields(ALLoRAConfig)}
     assert fields == {"rank", "eta", "granularity"}
     with pytest.raises(TypeError, match="no option"):
         adapted(alpha=2.0)
-    base = layers_model(SHAPES)
     model = adapted()
-    xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     assert adapt.trainable_parameter_count(model) == sum(3 * (o + i) for o, i in SHAPES.values())
 
 
@@ -90,15 +86,6 @@ def test_larger_norm_means_smaller_step():
     (layer(x)[:, :2].sum()).backward()
     g = layer.adapter.B.grad
     assert g[1].norm() < g[0].norm()
-
-
-def test_merge_and_save_load(tmp_path, perturb):
-    model = adapted()
-    perturb(model)
-    xs = inputs_for(model)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
-    assert_save_load_equal(model, layers_model(SHAPES), xs, tmp_path, rtol=1e-12)
 
 
 def test_bad_options():

@@ -155,7 +155,7 @@ def test_a_new_base_mutating_method_gets_the_core_for_free(tmp_path, perturb):
         x = torch.randn(3, 6)
         base = model(x)
         adapt.adapt_(model, "sv_sketch", rank=2, target_modules=["0"])
-        torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-6)  # T-init
+        torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-6)  # no-op at init
         assert adapt.trainable_parameter_count(model) == 2
         perturb(model)
         y = model(x)

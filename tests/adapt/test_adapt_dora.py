@@ -1,4 +1,7 @@
-"""DoRA (adapters.md §2): magnitude init on PEFT's axis, T-init, T-merge, the detached norm."""
+"""DoRA (Liu et al., ICML 2024, arXiv 2402.09353; W' = m ⊙ (W + sBA) / ‖W + sBA‖_row):
+magnitude init on PEFT's axis, the decomposed forward and merged weight, the detached norm.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -10,16 +13,13 @@ from rankwise import adapt
 LINEARS = ["fc1", "c1d", "conv"]
 
 
-def test_init_is_a_noop_and_magnitude_is_the_row_norm(toy, inputs):
-    before = toy(*inputs)
+def test_magnitude_is_the_row_norm(toy):
     weights = {
         "fc1": toy.fc1.weight.detach().clone(),  # (out, in)
         "c1d": toy.c1d.weight.detach().T.clone(),  # Conv1D stores (in, out)
         "conv": toy.conv.weight.detach().flatten(1).clone(),  # (out, C_in*kh*kw)
     }
     adapt.adapt_(toy, "dora", rank=2, target_modules=LINEARS)
-    for b, a in zip(before, toy(*inputs), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for name, layer in adapt.adapter_layers(toy).items():
         # one norm per output feature, taken over the input axis: ‖W‖_row
         expected = torch.sqrt((weights[name] ** 2).sum(dim=1))
@@ -33,11 +33,10 @@ def test_trainable_count_adds_out_features(toy):
     assert adapt.trainable_parameter_count(toy) == expected
 
 
-def test_forward_equals_decomposed_weight_and_merge_is_exact(toy, inputs, perturb):
+def test_forward_and_merged_weight_are_the_decomposed_weight(toy, perturb):
     originals = {n: getattr(toy, n).weight.detach().clone() for n in LINEARS}
     adapt.adapt_(toy, "dora", rank=2, target_modules=LINEARS)
     perturb(toy)
-    adapted = toy(*inputs)
     # reference W' = (m / ‖W + sBA‖_row) ⊙_row (W + sBA) for the Linear layer
     layer = toy.fc1
     m = layer.adapter
@@ -48,12 +47,6 @@ def test_forward_equals_decomposed_weight_and_merge_is_exact(toy, inputs, pertur
                                rtol=1e-5, atol=1e-6)
     adapt.merge_(toy)
     torch.testing.assert_close(toy.fc1.base_layer.weight, W_prime, rtol=1e-5, atol=1e-6)
-    for a, b in zip(adapted, toy(*inputs), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    adapt.unmerge_(toy)
-    for name in LINEARS:
-        torch.testing.assert_close(getattr(toy, name).base_layer.weight, originals[name],
-                                   rtol=1e-6, atol=1e-6)
 
 
 def test_magnitude_scales_one_output_feature():

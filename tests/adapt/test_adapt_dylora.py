@@ -1,5 +1,7 @@
-"""DyLoRA (adapters.md §13): truncation = rank-b LoRA with α/b, frozen-mode gradients, per-step
-rank sampling through the rules, T-init/merge/count."""
+"""DyLoRA (Valipour et al., EACL 2023, arXiv 2210.07558): truncation to rank b = rank-b LoRA with
+α/b, frozen-mode gradients, per-step rank sampling through the rules, no-op and merge at each rank.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

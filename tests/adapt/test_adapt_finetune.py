@@ -112,7 +112,7 @@ def test_checkpoint_is_safetensors_and_json(tmp_path):
     assert dirs == ["step-000004", "step-000006"]  # keep=2 removed step 2
     last = out / "checkpoints" / "step-000006"
     assert sorted(p.name for p in last.iterdir()) == [
-        "adapter", "state.json", "state.safetensors", "trainable.safetensors"]
+        "adapter", "manifest.json", "state.json", "state.safetensors", "trainable.safetensors"]
     meta = json.loads((last / "state.json").read_text())
     assert meta["format"] == ckpt.FORMAT and meta["step"] == 6
     from safetensors.torch import load_file

@@ -1,5 +1,8 @@
-"""IncreLoRA (adapters.md §14): rank growth by importance up to the target, the optimizer gets the
-new tensors, growth without advance learning keeps the output, the score formula, T-tests."""
+"""IncreLoRA (Zhang et al., arXiv 2308.12043): rank growth by importance up to the target, the
+optimizer gets the new tensors, growth without advance learning keeps the output, the score
+formula, counts / merge / save after growth, exact resume.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -138,17 +141,13 @@ def test_score_is_the_hand_formula(perturb):
     assert layer.adapter.score == pytest.approx(float(expected), rel=1e-9)
 
 
-def test_counts_init_merge_and_save_after_growth(tmp_path, perturb):
-    base = layers_model(SHAPES)
+def test_counts_merge_and_save_after_growth(tmp_path, perturb):
     model = adapted(add_rank=2, top_h=2)
     xs = inputs_for(model)
     model.train()
     with pytest.raises(RuntimeError, match="attach_rules"):
         run(model, xs)
     model.eval()
-    with torch.no_grad():  # init: E = 0 but the reserve's E is 1e-5 (advance learning)
-        for name, out in run(model, xs).items():
-            torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-4, atol=1e-4)
     trainable = sum(1 * (o + i + 1) + 2 * (o + i) for o, i in SHAPES.values())
     assert adapt.trainable_parameter_count(model) == trainable
     stored = sum(p.numel() for layer in model.values() for p in layer.adapter.state_dict().values())

@@ -1,4 +1,7 @@
-"""LoRA / rsLoRA on the adapter core: T-init, T-count, T-merge, T-grad, scales, bad input."""
+"""LoRA (Hu et al. 2021, eq. 3: h = W x + (α/r) B A x) and rsLoRA (Kalajdzievski 2023: α/√r)
+on every layer geometry: the count r(m + n), the per-kind forward, Kaiming/zero init, seeding,
+dropout, scales and bad input. The model-level invariants every method shares (no-op at init,
+merge/unmerge, disable, unload, save/load) are tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -17,16 +20,6 @@ def shapes(model):
     return {n: layer.geometry.shape for n, layer in adapt.adapter_layers(model).items()}
 
 
-def test_init_is_a_noop_on_every_layer_kind(toy, inputs):
-    before = toy(*inputs)
-    adapt.adapt_(toy, "lora", rank=2, target_modules=ALL)
-    after = toy(*inputs)
-    for b, a in zip(before, after, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
-    kinds = {n: layer.geometry.kind for n, layer in adapt.adapter_layers(toy).items()}
-    assert kinds == {"emb": "embedding", "fc1": "linear", "c1d": "conv1d", "conv": "conv2d"}
-
-
 def test_trainable_count_is_r_times_m_plus_n(toy):
     adapt.adapt_(toy, "lora", rank=3, target_modules=ALL)
     expected = sum(3 * (m + n) for m, n in shapes(toy).values())
@@ -38,11 +31,10 @@ def test_trainable_count_is_r_times_m_plus_n(toy):
 
 
 @pytest.mark.parametrize("method", ["lora", "rslora"])
-def test_forward_equals_dense_w_plus_delta_and_merge_roundtrip(toy, inputs, perturb, method):
+def test_forward_on_each_layer_kind_is_w_plus_scaled_ba(toy, inputs, perturb, method):
     originals = {n: m.weight.detach().clone() for n, m in toy.named_children() if n in ALL}
     adapt.adapt_(toy, method, rank=2, alpha=4.0, target_modules=ALL)
     perturb(toy)
-    unmerged = toy(*inputs)
     # reference: each layer's own functional form with (out, in) weight W + s·B A
     s = 4.0 / (math.sqrt(2) if method == "rslora" else 2)
     deltas = {n: (s * layer.adapter.B @ layer.adapter.A).detach()
@@ -57,41 +49,6 @@ def test_forward_equals_dense_w_plus_delta_and_merge_roundtrip(toy, inputs, pert
     conv_w = W["conv"] + deltas["conv"].reshape(W["conv"].shape)
     ref = nn.functional.conv2d(img, conv_w, toy.conv.base_layer.bias, padding=1)
     torch.testing.assert_close(toy.conv(img), ref, rtol=1e-5, atol=1e-6)
-    adapt.merge_(toy)
-    merged = toy(*inputs)
-    for u, v in zip(unmerged, merged, strict=True):
-        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
-    adapt.unmerge_(toy)
-    for name, layer in adapt.adapter_layers(toy).items():
-        torch.testing.assert_close(layer.base_layer.weight, originals[name], rtol=1e-6, atol=1e-7)
-    for u, v in zip(unmerged, toy(*inputs), strict=True):
-        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
-
-
-def test_merge_and_unload_gives_plain_modules_with_the_same_outputs(toy, inputs, perturb):
-    adapt.adapt_(toy, "lora", rank=2, target_modules=ALL)
-    perturb(toy)
-    adapted = toy(*inputs)
-    model = adapt.merge_and_unload(toy)
-    assert not adapt.adapter_layers(model)
-    assert isinstance(model.fc1, nn.Linear)
-    for a, b in zip(adapted, model(*inputs), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-
-
-def test_unload_and_disable_give_the_base_output(toy, inputs, perturb):
-    base = toy(*inputs)
-    adapt.adapt_(toy, "lora", rank=2, target_modules=ALL)
-    perturb(toy)
-    assert not torch.allclose(toy(*inputs)[0], base[0])
-    with adapt.disable_adapter(toy):
-        torch.testing.assert_close(toy(*inputs)[0], base[0], rtol=0, atol=0)
-    adapt.merge_(toy)  # disabling a merged model unmerges, then merges back on exit
-    with adapt.disable_adapter(toy):
-        torch.testing.assert_close(toy(*inputs)[1], base[1], rtol=1e-5, atol=1e-6)
-    assert all(layer.merged for layer in adapt.adapter_layers(toy).values())
-    adapt.unload_(toy)
-    torch.testing.assert_close(toy(*inputs)[0], base[0], rtol=1e-5, atol=1e-6)
 
 
 def test_rslora_output_is_sqrt_r_times_lora_output():
@@ -164,11 +121,9 @@ def test_bad_input_is_a_clear_error(toy, kwargs, error, match):
     assert not adapt.adapter_layers(toy)  # nothing half-done
 
 
-def test_unknown_method_and_unsupported_kind(toy):
+def test_unknown_method_names_the_known_ones(toy):
     with pytest.raises(ValueError, match="unknown adapter method 'lroa'.*lora"):
         adapt.adapt_(toy, "lroa", target_modules=["fc1"])
-    with pytest.raises(TypeError, match="cannot adapt a embedding"):
-        adapt.adapt_(toy, "dora", rank=2, target_modules=["emb"])
 
 
 def test_one_adapter_per_layer(toy):
@@ -188,18 +143,3 @@ def test_all_linear_skips_the_head(make_llama):
     adapt.adapt_(model, "lora", rank=2, target_modules="all-linear")
     names = set(adapt.adapter_layers(model))
     assert "lm_head" not in names and len(names) == 2 * 7
-
-
-@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "pissa"])
-def test_only_declared_trainable_tensors_get_gradients(toy, inputs, perturb, method):
-    adapt.adapt_(toy, method, rank=2, target_modules=["fc1", "c1d"])
-    perturb(toy)
-    toy.train()
-    out = toy(*inputs)
-    (out[0].square().sum() + out[1].sum()).backward()
-    with_grad = {n for n, p in toy.named_parameters() if p.grad is not None}
-    trainable = {n for n, p in toy.named_parameters() if p.requires_grad}
-    expected = {f"{layer}.adapter.{t}" for layer in ("fc1", "c1d")
-                for t in ("A", "B", "magnitude")[: 3 if method == "dora" else 2]}
-    assert with_grad == trainable == expected
-    assert set(adapt.list_methods()) >= {"lora", "rslora", "dora", "pissa"}

@@ -1,5 +1,8 @@
-"""LoRA-GGPO (adapters.md §20): the perturbation scale formula and its empirical variance, the
-perturbation is gone after the step, none in eval mode, the gradient norms feed the next step."""
+"""LoRA-GGPO (Chang et al., arXiv 2502.14538): the perturbation scale formula and its empirical
+variance, the perturbation is gone after the step, none in eval mode, the gradient norms feed
+the next step.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import math
 import pytest
 import torch
 from adapt_checks import (
-    assert_merge_roundtrip,
     assert_save_load_equal,
     inputs_for,
     layers_model,
@@ -104,15 +106,11 @@ def test_no_perturbation_in_eval_or_without_grad(perturb):
     assert not torch.allclose(run(model, xs)["a"], expected["a"])  # training: perturbed
 
 
-def test_init_count_merge_and_save(tmp_path, perturb):
-    base = layers_model(SHAPES)
+def test_count_and_the_noise_state_survives_save_load(tmp_path, perturb):
     model = adapted()
     xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     assert adapt.trainable_parameter_count(model) == sum(3 * (o + i) for o, i in SHAPES.values())
     perturb(model)
-    assert_merge_roundtrip(model, xs)
     model["a"].adapter.grad_row_norms.fill_(0.5)
     loaded = assert_save_load_equal(model, layers_model(SHAPES), xs, tmp_path)
     assert loaded["a"].adapter.noise_seed == model["a"].adapter.noise_seed != 0

@@ -1,11 +1,13 @@
-"""LoRA-Pro (adapters.md §19): the rewritten gradients give the projected full gradient, the
-Sylvester X, full-rank recovery, finiteness at B = 0, the rule in an optimizer step, T-tests."""
+"""LoRA-Pro (arXiv 2407.18242): the rewritten gradients give the projected full gradient, the
+Sylvester X, full-rank recovery, finiteness at B = 0, the rule in an optimizer step.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from adapt_checks import assert_merge_roundtrip, inputs_for, layers_model, run
+from adapt_checks import inputs_for, layers_model, run
 from torch import nn
 
 from rankwise import adapt
@@ -113,17 +115,11 @@ def test_the_rule_rewrites_gradients_before_the_optimizer_step(perturb):
     torch.testing.assert_close(step, projected(A0, B0, W.grad), rtol=1e-6, atol=1e-9)
 
 
-def test_init_count_merge_and_bad_options(perturb):
-    base = layers_model(SHAPES)
+def test_count_scale_and_bad_options():
     model = layers_model(SHAPES)
     adapt.adapt_(model, "lora_pro", target_modules=list(SHAPES), rank=4)
-    xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     assert adapt.trainable_parameter_count(model) == sum(4 * (o + i) for o, i in SHAPES.values())
     assert model["a"].adapter.scale == 16.0 / 4  # official s = 2 at r = 8: α = 16
-    perturb(model)
-    assert_merge_roundtrip(model, xs)
     with pytest.raises(ValueError, match="x_mode must be"):
         adapt.adapt_(layers_model(SHAPES), "lora_pro", target_modules=["a"], x_mode="exact")
 

@@ -1,5 +1,8 @@
-"""LoRA-SB (adapters.md §4b): the init is the best rank-r approximation of the first full-FT
-update; orthonormal bases; the equivalent-gradient identity; only R trains."""
+"""LoRA-SB (Ponkshe, Singhal et al., arXiv 2411.19557): the init is the best rank-r approximation
+of the first full-FT update; orthonormal bases; the equivalent-gradient identity
+ΔW = −η s² B Bᵀ G Aᵀ A; only R trains.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""NOLA (adapters.md §5): seeded regenerable bases, custom backward, memory, T-init/count/merge."""
+"""NOLA (Koohpayegani et al., ICLR 2024, arXiv 2310.02556; A = Σ α_i A_i, B = Σ β_j B_j over
+seeded random bases): count k + l, seeded regenerable bases, chunking, custom backward, memory.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import math
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
     assert_save_load_equal,
     backward_names,
     inputs_for,
@@ -29,12 +30,9 @@ def adapted(**kw):
     return model
 
 
-def test_init_is_a_noop_count_is_k_plus_l_and_first_gradients():
-    base = layers_model(SHAPES)
+def test_count_is_k_plus_l_and_first_gradients():
     model = adapted()
     xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     assert adapt.trainable_parameter_count(model) == len(SHAPES) * (9 + 7)
     model.train()
     names = backward_names(model, sum(o.square().sum() for o in run(model, xs).values()))
@@ -107,12 +105,10 @@ def test_training_memory_does_not_grow_with_the_number_of_bases():
     assert saved_numel(small, xs) == saved_numel(large, xs) > 0
 
 
-def test_merge_dense_delta_and_save_load(tmp_path, perturb):
+def test_save_load_regenerates_the_seeded_bases_bit_for_bit(tmp_path, perturb):
     model = adapted()
     perturb(model)
     xs = inputs_for(model)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
     loaded = assert_save_load_equal(model, layers_model(SHAPES), xs, tmp_path, rtol=1e-12)
     assert loaded["q"].adapter.seed == model["q"].adapter.seed
     torch.testing.assert_close(loaded["q"].adapter.A0, model["q"].adapter.A0, rtol=0, atol=0)

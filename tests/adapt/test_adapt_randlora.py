@@ -1,4 +1,7 @@
-"""RandLoRA (adapters.md §6): full-rank ΔW, formula, custom backward, regeneration, T-tests."""
+"""RandLoRA (arXiv 2502.00987; ΔW = (α/r) Σ_i B_i Λ_i A Γ_i over shared random bases): full-rank
+ΔW, the formula, shared bases regenerated bit for bit, custom backward.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import math
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
     assert_save_load_equal,
     backward_names,
     inputs_for,
@@ -40,12 +41,9 @@ def randomise(model, seed: int = 0):
             m.gamma.copy_(torch.randn(m.gamma.shape, generator=g))
 
 
-def test_init_is_a_noop_and_count_is_n_times_r_plus_dmin():
-    base = layers_model(SHAPES)
+def test_count_is_n_times_r_plus_dmin_and_gamma_is_one_over_max():
     model = adapted()
     xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     expected = 0
     for o, i in SHAPES.values():
         n = math.ceil(min(o, i) / 4)
@@ -74,9 +72,6 @@ def test_delta_is_the_formula_and_generically_full_rank(basis):
         torch.testing.assert_close(delta, M.T if i > o else M, rtol=1e-10, atol=1e-12)
         if basis == "uniform":  # (tiny sparse bases may hold an all-zero column of A)
             assert torch.linalg.matrix_rank(delta) == d_min  # full rank, unlike rank-4 LoRA
-    xs = inputs_for(model)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
 
 
 def test_bases_are_shared_unit_std_and_regenerated_bit_for_bit(tmp_path):

@@ -1,12 +1,14 @@
-"""SALT (adapters.md §10): identity point, exact singular-value shifts, regularizer, T-tests."""
+"""SALT (singular value adaptation with a low-rank transformation; W' = U ReLU(S') Vᵀ): the
+identity point, exact singular-value shifts and scales, the element-wise ReLU, the regularizer
+as a rule, save/load recomputing the SVD.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
     assert_save_load_equal,
     backward_names,
     inputs_for,
@@ -38,10 +40,6 @@ def test_identity_point_gives_w_and_the_official_init_is_close():
             layer.adapter.Y.zero_()
         torch.testing.assert_close(layer.effective_weight(), W, rtol=1e-10, atol=1e-12)
         assert layer.adapter.salt_penalty().item() == 0
-    quiet = adapted(init="noop")
-    xs = inputs_for(quiet)
-    for name, out in run(quiet, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
 
 
 def test_a_shift_moves_exactly_that_singular_value():
@@ -66,7 +64,7 @@ def test_a_shift_moves_exactly_that_singular_value():
     torch.testing.assert_close(torch.sort(got, descending=True).values, expected)
 
 
-def test_count_grads_relu_and_merge(perturb):
+def test_count_grads_and_the_elementwise_relu(perturb):
     model = adapted()
     k = {"a": 7, "b": 6}
     assert adapt.trainable_parameter_count(model) == sum(2 * 2 + 2 * 2 * (k[n] - 2) for n in k)
@@ -81,8 +79,6 @@ def test_count_grads_relu_and_merge(perturb):
     block = torch.diag(m.S[2:]) + m.X @ m.Y
     torch.testing.assert_close(d_rest, torch.relu(block) - torch.diag(m.S[2:]))
     assert (block < 0).any()  # the element-wise ReLU acts (on off-diagonal entries too)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
 
 
 def test_save_load_recomputes_the_svd(tmp_path, perturb):

@@ -1,6 +1,8 @@
-"""SaRA (adapters.md §21): mask = {|w| < threshold}, T-init with w (not |w|), gradients and
-updates only at masked positions, nuclear-norm gradient reaches the values, progressive
-re-selection exactly at progressive_iter, sparse save/load."""
+"""SaRA (Hu, Zhang, Yi et al., progressive sparse low-rank adaptation): mask = {|w| < threshold}
+with w's signs, gradients and updates only at masked positions, nuclear-norm gradient reaches
+the values, progressive re-selection exactly at progressive_iter, sparse save/load.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def adapted(**kw):
     return model
 
 
-def test_mask_is_the_small_weights_and_init_is_an_exact_noop():
+def test_mask_is_the_small_weights_with_their_signs():
     base, model = layers_model(SHAPES), adapted()
     for name, layer in model.items():
         w = base[name].weight.detach()
@@ -38,9 +40,6 @@ def test_mask_is_the_small_weights_and_init_is_an_exact_noop():
         assert torch.equal(m.index, expected)
         assert torch.equal(m.values.detach(), w.reshape(-1)[expected])  # w, signs kept
         assert (m.values < 0).any()
-    xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=0, atol=0)
     assert adapt.trainable_parameter_count(model) == sum(
         int((base[n].weight.abs() < THR).sum()) for n in SHAPES)
 

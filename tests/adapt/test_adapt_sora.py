@@ -1,12 +1,13 @@
-"""SoRA (adapters.md §11): proximal gate step and L1 term via the rules, pruning, T-tests."""
+"""SoRA (Ding et al., EMNLP 2023; y = W x + s B (g ⊙ A x)): the proximal gate step and the L1
+term via the rules, gates not weight-decayed, pruning zero gates gives an equal plain LoRA.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
     inputs_for,
     layers_model,
     run,
@@ -88,20 +89,13 @@ def test_gates_are_not_weight_decayed():
         decayed.step()
 
 
-def test_init_count_training_needs_rules_and_merge(perturb):
-    base = layers_model(SHAPES)
+def test_count_is_r_times_m_plus_n_plus_one_gate_and_training_needs_rules():
     model = adapted()
     xs = inputs_for(model)
-    for name, out in run(model, xs).items():
-        torch.testing.assert_close(out, base[name](xs[name]), rtol=1e-6, atol=0)
     assert adapt.trainable_parameter_count(model) == sum(4 * (o + i + 1) for o, i in SHAPES.values())
     model.train()
     with pytest.raises(RuntimeError, match="attach_rules"):
         run(model, xs)
-    model.eval()
-    perturb(model)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
 
 
 def test_pruning_zero_gates_gives_an_equal_plain_lora(perturb):

@@ -1,12 +1,13 @@
-"""SVFit (adapters.md §9): exact no-op, orthonormal bases, spectrum of W_eff, energy rule."""
+"""SVFit (fine-tuning the top-r singular values; W_eff = W_res + U diag(σ) Vᵀ): W_eff = W at init,
+orthonormal bases, spectrum of W_eff, σ-only training, the energy rule for ranks.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
     assert_save_load_equal,
     backward_names,
     inputs_for,
@@ -25,10 +26,9 @@ def adapted(model=None, **kw):
     return model
 
 
-def test_init_is_an_exact_noop_and_the_bases_are_orthonormal():
+def test_w_eff_is_w_at_init_and_the_bases_are_orthonormal():
     base = layers_model(SHAPES)
     model = adapted()
-    xs = inputs_for(model)
     for name, layer in model.items():
         W = base[name].weight.detach()
         torch.testing.assert_close(layer.effective_weight(), W, rtol=1e-12, atol=1e-12)
@@ -36,8 +36,6 @@ def test_init_is_an_exact_noop_and_the_bases_are_orthonormal():
         torch.testing.assert_close(m.U.T @ m.U, torch.eye(3, dtype=W.dtype))
         torch.testing.assert_close(m.Vh @ m.Vh.T, torch.eye(3, dtype=W.dtype))
         torch.testing.assert_close(m.sigma.detach(), torch.linalg.svdvals(W)[:3])
-        torch.testing.assert_close(run(model, xs)[name], base[name](xs[name]), rtol=1e-12,
-                                   atol=1e-12)
 
 
 def test_singular_values_of_w_eff_are_the_trained_ones_and_the_residual_ones():
@@ -51,18 +49,13 @@ def test_singular_values_of_w_eff_are_the_trained_ones_and_the_residual_ones():
     torch.testing.assert_close(torch.linalg.svdvals(model["a"].effective_weight()), expected)
 
 
-def test_only_sigma_trains_count_merge_and_save_load(tmp_path, perturb):
+def test_only_sigma_trains_with_r_parameters():
     model = adapted()
     assert adapt.trainable_parameter_count(model) == 2 * 3
     model.train()
     xs = inputs_for(model)
     names = backward_names(model, sum(o.square().sum() for o in run(model, xs).values()))
     assert names == {"a.adapter.sigma", "b.adapter.sigma"}
-    model.eval()
-    perturb(model)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
-    assert_save_load_equal(model, layers_model(SHAPES), xs, tmp_path, rtol=1e-12)
 
 
 def test_energy_rule_picks_the_minimal_rank_per_layer(tmp_path, perturb):

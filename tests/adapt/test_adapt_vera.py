@@ -1,4 +1,7 @@
-"""VeRA (adapters.md §7): shared sliced bases equal PEFT's, regeneration, T-init/merge/count."""
+"""VeRA (Kopiczko et al., arXiv 2310.11454; ΔW = Λ_b B Λ_d A over shared frozen random A, B):
+shared sliced bases equal PEFT's, regeneration, first gradients, count r + out.
+
+Shared invariants: tests/contracts/test_adapter_contract.py."""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import peft
 import pytest
 import torch
 from adapt_checks import (
-    assert_dense_delta_matches,
-    assert_merge_roundtrip,
     assert_save_load_equal,
     backward_names,
     inputs_for,
@@ -26,13 +27,9 @@ def adapted(rank: int = 6, **kw):
     return model
 
 
-def test_init_is_a_noop_and_only_b_gets_a_first_gradient():
-    base = layers_model(SHAPES)
+def test_only_b_gets_a_first_gradient_and_d_starts_at_d_initial():
     model = adapted()
     xs = inputs_for(model)
-    out = run(model, xs)
-    for name in SHAPES:
-        torch.testing.assert_close(out[name], base[name](xs[name]), rtol=1e-6, atol=0)
     model.train()
     names = backward_names(model, sum(o.square().sum() for o in run(model, xs).values()))
     assert names == {f"{n}.adapter.lambda_{v}" for n in SHAPES for v in "bd"}
@@ -79,12 +76,8 @@ def test_bases_and_outputs_equal_peft(make_llama, perturb):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_count_and_dense_delta(perturb):
+def test_count_is_r_plus_out_per_layer():
     model = adapted(rank=6)
-    perturb(model)
-    xs = inputs_for(model)
-    assert_dense_delta_matches(model, xs)
-    assert_merge_roundtrip(model, xs)
     assert adapt.trainable_parameter_count(model) == sum(6 + o for o, _ in SHAPES.values())
 
 

@@ -1,4 +1,5 @@
-"""Whitened SVD (LoRD / ASVD / FWSVD / SVD-LLM): the defining identities of each card."""
+"""Whitened SVD (LoRD / ASVD / FWSVD / SVD-LLM): the defining identities of each
+method."""
 
 from __future__ import annotations
 

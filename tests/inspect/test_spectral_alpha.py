@@ -84,7 +84,7 @@ def test_heavy_tailed_spectrum_gets_a_small_alpha():
 
 
 def test_farms_removes_the_aspect_ratio_bias():
-    # FARMS card test 2 at a quarter of the size: i.i.d. Gaussian W / sqrt(cols) of four shapes
+    # FARMS (Hu et al., arXiv 2506.06280) at a quarter of the size: i.i.d. Gaussian W / sqrt(cols) of four shapes
     shapes = [(250, 250), (250, 500), (250, 1000), (125, 1000)]
     full, farms = [], []
     for k, shape in enumerate(shapes):

@@ -87,7 +87,7 @@ def test_numerical_rank_matches_a_planted_rank():
 
 
 def test_welore_drop_and_class():
-    # a heavy tail loses more rank than a flat spectrum at the same tau (WeLore card test 3)
+    # a heavy tail loses more rank than a flat spectrum at the same tau (WeLore, Jaiswal et al. 2024)
     heavy = torch.tensor([1.0 / (i + 1) ** 2 for i in range(64)])
     flat = torch.linspace(1.0, 0.5, 64)
     assert spectral.welore_drop(heavy, 0.1) > spectral.welore_drop(flat, 0.1)
@@ -106,7 +106,7 @@ def test_welore_threshold_hits_the_requested_reduction():
     for target in (0.1, 0.3, 0.5, 0.7):
         tau = spectral.welore_threshold(spectra, target)
         got = sum(spectral.welore_drop(s, tau) for s in spectra) / total
-        # within one singular value per matrix (WeLore card test 2)
+        # within one singular value per matrix (WeLore, Jaiswal et al. 2024)
         assert target <= got <= target + len(spectra) / total
 
 

@@ -1,4 +1,5 @@
-"""Matrix completion by alternating minimisation (compression card §14): exact and robust solvers."""
+"""Matrix completion by alternating minimisation (Jain, Netrapalli &
+Sanghavi, STOC 2013): exact and robust solvers."""
 
 from __future__ import annotations
 

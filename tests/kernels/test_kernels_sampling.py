@@ -1,4 +1,5 @@
-"""Leverage scores, l_p Lewis weights, row sampling and sampled regression (compression card §15)."""
+"""Leverage scores, l_p Lewis weights, row sampling and sampled regression (Lewis weights by the
+Cohen-Peng iteration, 2015)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scatterbrain attention (compression card §16): limits, the double-counting correction, unbiasedness,
+"""Scatterbrain attention (Chen et al., NeurIPS 2021): limits, the double-counting correction, unbiasedness,
 the mixed regime, and the transformers drop-in."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LOST (card 12): SVD split into the Eckart-Young low-rank part + channel-wise sparse residual."""
+"""LOST (Li et al. 2025): SVD split into the Eckart-Young low-rank part + channel-wise sparse residual."""
 
 from __future__ import annotations
 

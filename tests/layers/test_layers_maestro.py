@@ -1,4 +1,4 @@
-"""Maestro (card 14): SVD init, nested ranks, group lasso / importance, shrinking, sampler."""
+"""Maestro (Horvath et al., ICML 2024): SVD init, nested ranks, group lasso / importance, shrinking, sampler."""
 
 from __future__ import annotations
 

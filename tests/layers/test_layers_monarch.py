@@ -1,4 +1,4 @@
-"""Monarch (card 17): block-diagonal product layout, exact dense <-> Monarch projection."""
+"""Monarch (Dao et al., ICML 2022): block-diagonal product layout, exact dense <-> Monarch projection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Weight refactorization (card 9): same product, balanced factors, momentum reset."""
+"""Weight refactorization (Glentis et al. 2025): same product, balanced factors, momentum reset."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ReLoRA (card 10): merge-and-restart, optimizer resets, jagged cosine LR."""
+"""ReLoRA (Lialin et al., ICLR 2024): merge-and-restart, optimizer resets, jagged cosine LR."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SLTrain (card 11): fixed random support of exactly floor(density m n) entries, sparse storage."""
+"""SLTrain (Han et al., NeurIPS 2024): fixed random support of exactly floor(density m n) entries, sparse storage."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sparse Spectral Training (card 13): orthonormal after re-SVD, sampling by |sigma|, sigma grads."""
+"""Sparse Spectral Training (Zhao et al.): orthonormal after re-SVD, sampling by |sigma|, sigma grads."""
 
 from __future__ import annotations
 

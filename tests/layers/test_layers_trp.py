@@ -1,4 +1,4 @@
-"""Trained Rank Pruning (card 15): energy-rank projection, nuclear-norm subgradient."""
+"""Trained Rank Pruning (Xu et al.): energy-rank projection, nuclear-norm subgradient."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DCT basis, aligned-column selection (training card §5) and Haar-random orthonormal bases."""
+"""DCT basis, aligned-column selection (DCT-AdamW, Modoranu et al. 2025) and Haar-random orthonormal bases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GaLore one-sided projections (training card §0, §1 test 2)."""
+"""GaLore one-sided projections (GaLore, Zhao et al. 2024:
+down(G) = G Pᵀ or Pᵀ G on the shorter side, up = its transpose)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Blockwise int8/int4 quantisation (training card §2: Q-GaLore's projector and weight quantisers)."""
+"""Blockwise int8/int4 quantisation (Q-GaLore, Zhang et al. 2024:
+its projector and weight quantisers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Rank rules and allocation: closed forms (compression card §0), WeLore (§5), budgets."""
+"""Rank rules and allocation: closed forms (the rank that removes a
+fraction ρ of m n: r = ⌊(1 − ρ) m n / (m + n)⌋), WeLore (Jaiswal et al. 2024), budgets."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_break_even_is_the_largest_saving_rank(m: int, n: int) -> None:
     assert r * (m + n) < m * n <= (r + 1) * (m + n)
 
 
-def test_card_closed_forms() -> None:
+def test_closed_forms() -> None:
     assert break_even_rank(4096, 4096) == 2047  # mn/(m+n) = 2048 exactly: 2048 saves nothing
     assert break_even_rank(4096, 11008) == 2985  # 2985.2
     assert rank_for_ratio(4096, 4096, 0.2) == 1638

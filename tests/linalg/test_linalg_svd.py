@@ -1,4 +1,5 @@
-"""rankwise.linalg.svd against torch.linalg and the Halko-Martinsson-Tropp guarantees (card §13)."""
+"""rankwise.linalg.svd against torch.linalg and the Halko-Martinsson-Tropp guarantees
+(SIAM Review 2011, §10)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def test_truncated_svd_is_eckart_young(m: int, n: int, data: st.DataObject) -> N
 def test_randomized_exact_on_low_rank_inputs(
     m: int, n: int, true_rank: int, extra: int, q: int, seed: int
 ) -> None:
-    """HMT: a sketch of width >= rank(A) captures A exactly (card test 1, fp64, 1e-10)."""
+    """HMT: a sketch of width >= rank(A) captures A exactly (fp64, 1e-10)."""
     A = _low_rank(m, n, true_rank, seed)
     k = true_rank + extra
     U, S, Vh = randomized_svd(A, k, oversample=5, power_iters=q, seed=seed)

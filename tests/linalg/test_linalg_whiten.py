@@ -1,4 +1,5 @@
-"""Cholesky / eigh whiteners and SVD-LLM's truncation-aware property (compression card §4)."""
+"""Cholesky / eigh whiteners and SVD-LLM's truncation-aware property (SVD-LLM, Wang et al. 2024:
+the loss of truncating the whitened SVD equals the discarded singular values)."""
 
 from __future__ import annotations
 

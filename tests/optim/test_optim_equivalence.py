@@ -1,6 +1,7 @@
-"""Exact equivalences of the projected optimizers with their full-rank rules (cards 0-7).
+"""Exact equivalences of the projected optimizers with their full-rank rules (GaLore, Zhao et al.
+2024, and the presets built on it).
 
-Adam is not rotation-equivariant (card 0): only the identity or a signed permutation makes
+Adam is not rotation-equivariant (GaLore's own caveat): only the identity or a signed permutation makes
 projected Adam equal AdamW; SGD-momentum is linear, so any full-rank orthogonal P does.
 """
 
@@ -105,7 +106,7 @@ def test_full_rank_orthogonal_projector_with_sgd_momentum_equals_sgd(shape):
 
 
 def test_full_rank_orthogonal_projector_with_adam_is_not_adamw():
-    """The card-0 caveat, as a guard: a rotated Adam must differ from AdamW."""
+    """GaLore's caveat, as a guard: a rotated Adam must differ from AdamW."""
     ref = _run(lambda w: torch.optim.AdamW([w], lr=1e-2), (12, 8))
     got = _run(lambda w: ro.LowRankOptimizer(
         [{"params": [w], "projector": "random_orthogonal", "rank": 8}], lr=1e-2))

@@ -1,4 +1,6 @@
-"""The pure update rules: limiter, channel scaling, moment rotation (cards 3, 5, 7)."""
+"""The pure update rules: limiter, channel scaling, moment rotation (Fira's norm-growth limiter and
+per-channel scaling, Chen et al. 2024; APOLLO's channel scaling, Zhu et al. 2025; moments
+rotated into a new subspace)."""
 
 from __future__ import annotations
 

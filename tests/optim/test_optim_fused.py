@@ -27,14 +27,14 @@ def test_residual_norm_from_channel_norms_equals_the_formed_residual(shape, scal
     torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-6)
 
 
-def _fira_reference(w0, grads, rank, scale, lr, gap, gamma=1.01, eps=1e-6):
+def _fira_reference(w0, grads, rank, scale, lr, gap, gamma=1.01, eps=1e-6, **proj_options):
     """Fira eq. (6) + limiter written out: GaLore-style Adam on R = down(G), N = M / denom,
     delta = s up(N) + limit(c ⊙ (G - s up(R))), c = ||N_c|| / (||R_c|| + 1e-8)."""
     w = w0.clone()
     proj, m, v, prev = None, None, None, None
     for t, g in enumerate(grads):
         if t % gap == 0:
-            proj = ro.make_projector("svd", tuple(g.shape), rank)
+            proj = ro.make_projector("svd", tuple(g.shape), rank, **proj_options)
             proj.update(g, t)
         r = proj.down(g)
         if m is None:
@@ -69,17 +69,30 @@ def test_fira_fused_update_equals_equation_6_with_limiter(shape):
     torch.testing.assert_close(w.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_fira_with_a_quantised_basis_forms_the_residual():
-    """An int8 basis is not exactly orthonormal: the norm shortcut is not used (same result
-    as the formed residual within float rounding)."""
-    shape = (24, 12)
-    w = torch.nn.Parameter(torch.zeros(shape))
-    opt = ro.create("fira", [{"params": [w], "rank": 4}], proj_bits=8, lr=1e-2)
-    for i in range(3):
-        w.grad = _g(shape, i)
+@pytest.mark.parametrize("shape", [(24, 12), (12, 20)])
+def test_fira_with_a_quantised_basis_equals_equation_6_with_the_formed_residual(shape):
+    """An int4 basis is not orthonormal, so the channel-norm shortcut for the residual's norm
+    is wrong for it (checked first); the optimizer forms the residual instead, and its
+    trajectory equals Fira eq. (6) written out with the same int4 projector."""
+    grads = [_g(shape, 20 + i) * (1 + i) for i in range(7)]  # growing norms: limiter engages
+    proj = ro.make_projector("svd", shape, 4, bits=4, group_size=256)
+    proj.update(grads[0], 0)
+    low, c = proj.down(grads[1]), _g((shape[0], 1) if proj.side == "right" else (1, shape[1]), 2)
+    formed = (proj.residual(grads[1], low * 0.25) * c.abs()).norm()
+    shortcut = F.residual_norm(grads[1], low, proj.side, 0.25, c.abs())
+    assert abs(float(shortcut / formed) - 1) > 1e-4  # the shortcut would be measurably off
+
+    w0 = _g(shape, 4)
+    w = torch.nn.Parameter(w0.clone())
+    opt = ro.create("fira", [{"params": [w], "rank": 4}], proj_bits=4, update_proj_gap=3,
+                    lr=1e-2)
+    for g in grads:
+        w.grad = g
         opt.step()
     assert not opt.projector_for(w).orthonormal
-    assert torch.isfinite(w).all() and w.abs().sum() > 0
+    ref = _fira_reference(w0, grads, 4, 0.25, 1e-2, 3, bits=4, group_size=256)
+    # the shortcut's trajectory is ~1e-5 away: this tolerance tells the two apart
+    torch.testing.assert_close(w.detach(), ref, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("shape", [(24, 12), (12, 20)])

@@ -7,14 +7,14 @@
 * ``ctx.activations()``: the layer's input statistics (`rankwise.calibrate.LayerStats`: gram,
   mean, n_tokens), collected by `adapt_` in one pass before any layer is wrapped;
 * ``ctx.gradient()``: Σ over the calibration batches of ∂L/∂W (out, in) fp32, also collected
-  before wrapping (LoRA-SB's first-step estimate, adapters.md §4b);
+  before wrapping (LoRA-SB's first-step estimate, Ponkshe et al. 2024);
 * ``ctx.generator``: a CPU ``torch.Generator`` seeded from (seed, layer name), so inits are
-  reproducible and never touch the global RNG (adapters.md §0);
+  reproducible and never touch the global RNG;
 * ``ctx.shared(key, factory)``: one object shared by every layer of this `adapt_` call (VeRA's
   and RandLoRA's random bases, sized with ``ctx.all_shapes``; MoS's shard pools; EVA's
   model-wide rank allocation);
 * ``ctx.all_activations()``: the input statistics of *every* adapted layer, by fqn, for
-  model-wide decisions such as EVA's rank redistribution (adapters.md §18).
+  model-wide decisions such as EVA's rank redistribution.
 
 Activations and gradients need a model-wide pass, so `adapt_` runs it up front when a method
 declares them in ``needs`` (`collect_model_data`).
@@ -31,6 +31,7 @@ from torch import nn
 
 from rankwise.adapt.geometry import Geometry
 from rankwise.calibrate import causal_lm_loss
+from rankwise.linalg import make_generator
 
 
 def layer_seed(seed: int, fqn: str) -> int:
@@ -62,7 +63,7 @@ class InitContext:
         self.geometry = geometry
         self.seed = seed
         self._data = data
-        self.generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, fqn))
+        self.generator = make_generator(layer_seed(seed, fqn))
         self._weight: torch.Tensor | None = None
         self._svd: dict[tuple[int | None, int | None], tuple[torch.Tensor, ...]] = {}
 

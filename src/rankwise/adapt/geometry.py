@@ -24,13 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise import surgery
+from rankwise.linalg import compute_dtype  # noqa: F401  (re-exported: adapters merge in it)
 
 KINDS = ("linear", "conv1d", "embedding", "conv2d")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Factorise and merge in fp32 at least: fp64 stays fp64, everything else becomes fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def layer_kind(module: nn.Module) -> str:

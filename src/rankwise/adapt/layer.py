@@ -10,7 +10,8 @@ original layer for every method (exact to float rounding).
 
 Merging works on the (out, in) view of the weight in fp32 and casts back:
 ``W ← method.merged_weight(W)`` and back with ``method.unmerged_weight`` (exact up to rounding:
-W + ΔW − ΔW; DoRA keeps the norm it merged with, adapters.md §2).
+W + ΔW − ΔW; DoRA keeps the column norm ‖W + ΔW‖_c it merged with, so unmerge divides by
+the same norm: Liu et al. 2024, eq. 5).
 """
 
 from __future__ import annotations

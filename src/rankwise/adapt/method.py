@@ -21,7 +21,8 @@ layer. It declares:
 Presets: one class can be registered under several names with different defaults
 (``"lora"`` and ``"rslora"`` are the same class; rsLoRA sets ``use_rslora=True``).
 
-Adding a method (a sketch of SVFit, adapters.md §9: train the top-r singular values)::
+Adding a method (a sketch of SVFit, Sun et al. 2024: W = U diag(σ) Vᵀ, train the top-r σ and
+keep W_res = W − U_r diag(σ_r) V_rᵀ frozen)::
 
     @dataclass(frozen=True, kw_only=True)
     class SVFitConfig(MethodConfig):
@@ -66,6 +67,9 @@ import torch
 from torch import nn
 
 from rankwise.adapt.geometry import Geometry
+from rankwise.config import Config, document_fields, option
+from rankwise.linalg import compute_dtype, validate_rank
+from rankwise.registry import Registry, registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.context import InitContext
@@ -73,28 +77,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True, kw_only=True)
-class MethodConfig:
-    """Fields every method has.
+class MethodConfig(Config):
+    """Fields every method has (a `rankwise.config.Config`: frozen, keyword-only, help per field).
+
+    Subclasses declare their fields plainly or with `option`; a field declared plainly takes its
+    help text from the subclass docstring's ``Attributes:`` section (see `Config.help_text`).
+    Subclasses validate in ``__post_init__`` after calling ``super().__post_init__()``.
 
     Attributes:
         rank: adapter rank r (>= 1, and <= min(out, in) of each adapted layer).
     """
 
-    rank: int = 8
+    rank: int = option(8, "adapter rank r (>= 1, and <= min(out, in) of each adapted layer)")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Reject a rank that is not an integer >= 1."""
+        super().validate()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}: choose e.g. rank=8")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready field values."""
+        """JSON-ready field values (as saved in adapter_config.json)."""
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MethodConfig:
-        """Build from saved fields; unknown names raise with the list of valid ones."""
-        check_fields(cls, values)
-        return cls(**values)
 
 
 def check_fields(config_cls: type[MethodConfig], values: dict[str, Any], method: str = "") -> None:
@@ -104,6 +108,22 @@ def check_fields(config_cls: type[MethodConfig], values: dict[str, Any], method:
     if unknown:
         who = f"method {method!r}" if method else config_cls.__name__
         raise TypeError(f"{who} has no option(s) {unknown}: valid options are {sorted(valid)}")
+
+
+def check_alpha(value: float, name: str = "alpha") -> None:
+    """Raise ValueError unless `value` is a finite nonzero number (LoRA-style scale numerators)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value == 0:
+        raise ValueError(f"{name} must be a finite nonzero number, got {value!r}")
+
+
+def check_integer(name: str, value: object, minimum: int | None = None) -> None:
+    """Raise ValueError unless `value` is an int (bools rejected) and >= `minimum` if given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}" if minimum is None else
+                         f"{name} must be an integer >= {minimum}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_probability(name: str, value: float) -> None:
@@ -148,20 +168,23 @@ class AdapterMethod(nn.Module):
         self.train_forwards = 0
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def check_rank(self, rank: int, *, limit: int | None = None) -> None:
-        """Raise ValueError unless 1 <= rank <= min(out, in) (or `limit`)."""
-        limit = min(self.out_features, self.in_features) if limit is None else limit
+    def check_rank(self, rank: int, *, limit: int | None = None) -> int:
+        """Raise unless 1 <= rank <= min(out, in) of this layer, or <= `limit` where the method's
+        own bound is tighter (`rankwise.linalg.validate_rank`); returns the rank."""
+        if limit is None:
+            return validate_rank(rank, self.out_features, self.in_features)
+        rank = validate_rank(rank, self.out_features, self.in_features)
         if rank > limit:
-            raise ValueError(
-                f"rank {rank} exceeds min(m, n) = {limit} of a ({self.out_features}, "
-                f"{self.in_features}) layer: choose rank <= {limit}"
-            )
+            raise ValueError(f"rank {rank} exceeds min(m, n) = {limit} of the factors this method "
+                             f"builds for a ({self.out_features}, {self.in_features}) layer: "
+                             f"choose rank <= {limit}")
+        return rank
 
     @staticmethod
     def param_dtype(geometry: Geometry) -> torch.dtype:
-        """Adapter tensors are fp32 over a half-precision base (as PEFT's autocast), else its dtype."""
-        dtype = geometry.module.weight.dtype
-        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        """Adapter tensors are fp32 over a half-precision base (as PEFT's autocast), fp64 over fp64:
+        the compute dtype (`rankwise.linalg.compute_dtype`)."""
+        return compute_dtype(geometry.module.weight.dtype)
 
     @staticmethod
     def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -235,28 +258,31 @@ class AdapterMethod(nn.Module):
 
 
 # ---------------------------------------------------------------------------- registry
-_REGISTRY: dict[str, tuple[type[AdapterMethod], dict[str, Any]]] = {}
+# Adapters live in the one `rankwise.registry` (kind "adapter"); the functions below are the
+# adapter-specific views of it that the rest of rankwise.adapt (and user code) calls.
+def _registry() -> Registry:
+    return registry("adapter")
 
 
 def register_method(
-    name: str, cls: type[AdapterMethod] | None = None, /, **preset: Any
+    name: str, cls: type[AdapterMethod] | None = None, /, *, summary: str = "", **preset: Any
 ) -> Any:
     """Register `cls` under `name` with `preset` defaults; usable as a class decorator.
 
+    `summary` is the one line ``rankwise list`` prints (default: the class docstring's first
+    line). Names follow the registry's rule (lower_snake_case).
+
     >>> @register_method("lora")
     ... class LoRA(AdapterMethod): ...
-    >>> register_method("rslora", LoRA, use_rslora=True)
+    >>> register_method("rslora", LoRA, summary="LoRA scaled by α/√r", use_rslora=True)
     """
-    if not name or name != name.lower() or not name.replace("_", "").isalnum():
-        raise ValueError(f"method names are lower_snake_case, got {name!r}")
 
     def add(klass: type[AdapterMethod]) -> type[AdapterMethod]:
         if not (isinstance(klass, type) and issubclass(klass, AdapterMethod)):
             raise TypeError(f"{klass!r} is not an AdapterMethod subclass")
-        if name in _REGISTRY and _REGISTRY[name][0] is not klass:
-            raise ValueError(f"method {name!r} is already registered to {_REGISTRY[name][0]}")
         check_fields(klass.config_cls, preset, name)
-        _REGISTRY[name] = (klass, dict(preset))
+        document_fields(klass.config_cls)  # docstring help into each field's metadata
+        _registry().register(name, klass, summary=summary, **preset)
         if "name" not in vars(klass) or not klass.name:
             klass.name = name  # a subclass registers under its own name, not its parent's
         return klass
@@ -266,24 +292,18 @@ def register_method(
 
 def unregister_method(name: str) -> None:
     """Remove `name` (tests register toy methods)."""
-    _REGISTRY.pop(name, None)
+    _registry().unregister(name)
 
 
 def get_method(name: str) -> tuple[type[AdapterMethod], dict[str, Any]]:
     """(class, preset defaults) for a registered name; unknown names list the known ones."""
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown adapter method {name!r}: choose one of {list_methods()}"
-        ) from None
+    entry = _registry().get(name)
+    return entry.load(), dict(entry.defaults)
 
 
 def list_methods() -> list[str]:
     """Sorted names of every registered method and preset."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return _registry().names()
 
 
 def build_config(name: str, **options: Any) -> MethodConfig:
@@ -291,7 +311,3 @@ def build_config(name: str, **options: Any) -> MethodConfig:
     cls, preset = get_method(name)
     check_fields(cls.config_cls, options, name)
     return cls.config_cls(**{**preset, **options})
-
-
-def _load_builtin() -> None:
-    import rankwise.adapt.methods  # noqa: F401  (registers the built-in methods)

@@ -144,9 +144,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
         "inference_mode": True,
     }
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    io.save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    io.write_json(out / CONFIG_NAME, config)
+    with io.publish_dir(out) as tmp:  # atomic; rankwise_manifest.json: checksums (PEFT ignores it)
+        io.save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        io.write_json(tmp / CONFIG_NAME, config)
+        io.write_json(tmp / io.MANIFEST, {"format": "rankwise-manifest", "files": io.digest_files(tmp)})
     return out
 
 
@@ -223,6 +224,7 @@ def import_peft(
             shape there (a different base model).
     """
     src = Path(path)
+    io.verify_manifest(src)  # exports written by rankwise carry checksums
     cfg = io.read_json(src / CONFIG_NAME)
     method = _check_config(cfg, str(src))
     grouped = _group_tensors(io.load_tensors(src / WEIGHTS_NAME), str(src))

@@ -60,9 +60,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         }
         for key, value in method.state_dict().items():
             tensors[f"{fqn}.{key}"] = value.detach().clone()  # clone: no aliasing in safetensors
-    out.mkdir(parents=True, exist_ok=True)
-    io.save_tensors(out / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
-    io.write_json(out / CONFIG_NAME, {"format": FORMAT, "version": VERSION, "layers": spec})
+    with io.publish_dir(out) as tmp:  # built beside `out`, published by one rename
+        io.save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+        io.write_json(tmp / CONFIG_NAME, {"format": FORMAT, "version": VERSION, "layers": spec,
+                                          "files": io.digest_files(tmp)})  # last: marks it complete
     return out
 
 
@@ -81,6 +82,7 @@ def load_adapter(
             model lacks a layer / has another type or shape there (a different base model).
     """
     src = Path(path)
+    io.recover(src)
     cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
         if (src / "adapter_config.json").is_file():
@@ -92,11 +94,15 @@ def load_adapter(
     cfg = io.read_json(cfg_path)
     if cfg.get("format") != FORMAT or not isinstance(cfg.get("layers"), dict):
         raise ValueError(f"{cfg_path} is not a {FORMAT} config (format={cfg.get('format')!r})")
-    if int(cfg.get("version", 0)) > VERSION:
+    if not isinstance(cfg.get("version", 0), int) or cfg.get("version", 0) > VERSION:
         raise ValueError(
-            f"{cfg_path} has format version {cfg['version']}, newer than this rankwise "
+            f"{cfg_path} has format version {cfg['version']!r}, not one this rankwise "
             f"reads ({VERSION}): upgrade rankwise"
         )
+    if "files" in cfg:  # adapters saved before checksums were recorded have none
+        io.verify_files(src, cfg["files"], marker=CONFIG_NAME)
+    for fqn, spec in cfg["layers"].items():
+        _check_spec(fqn, spec, cfg_path)
     tensors = io.load_tensors(src / WEIGHTS_NAME)
     built = build_layers(model, cfg["layers"], tensors, source=str(src))
     install_layers(model, built, trainable=trainable)
@@ -137,9 +143,15 @@ def build_layers(
                 f"{spec['kind']} of shape (out, in) = {tuple(spec['shape'])} there but a "
                 f"{geo.kind} of shape {geo.shape} here; load it onto the model it was trained on"
             )
-        cls, _ = get_method(spec["method"])
-        config = cls.config_cls.from_dict(spec["config"])
-        method = cls.from_saved(config, geo, spec.get("extra", {}))
+        try:
+            cls, _ = get_method(spec["method"])
+            config = cls.config_cls.from_dict(spec["config"])
+            method = cls.from_saved(config, geo, spec.get("extra", {}))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise ValueError(
+                f"adapter {source}: the record of {fqn!r} does not build a {spec['method']!r} "
+                f"adapter ({type(exc).__name__}: {exc}); the file is corrupt or edited: re-save it"
+            ) from None
         method.preset = spec["method"]
         state = {}
         for key in method.state_dict():
@@ -183,6 +195,30 @@ def install_layers(
         for layer in adapter_layers(model).values():
             for p in layer.adapter.parameters():
                 p.requires_grad_(False)
+
+
+def _check_spec(fqn: Any, spec: Any, path: Path) -> None:
+    """Types of one layer record, checked before anything is built (tampered files give a clear
+    error, never a TypeError from deep inside a method)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path} is malformed ({fqn!r}: {what}): the file is corrupt or edited; re-save the adapter")
+
+    if not isinstance(spec, dict):
+        raise bad(f"a {type(spec).__name__}, not an object")
+    if not isinstance(spec.get("method"), str) or not isinstance(spec.get("kind"), str):
+        raise bad("'method' and 'kind' must be names")
+    if not isinstance(spec.get("config"), dict) or not isinstance(spec.get("extra", {}), dict):
+        raise bad("'config' and 'extra' must be objects")
+    shape = spec.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise bad(f"'shape' is {shape!r}, not a list of positive ints")
+    norm = spec.get("base_norm")
+    if norm is not None and (not isinstance(norm, int | float) or isinstance(norm, bool)):
+        raise bad("'base_norm' is not a number")
+    rank = spec["config"].get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise bad(f"'rank' is {rank!r}, not a positive int")
 
 
 def _check_base_norm(fqn: str, geo: Geometry, saved: float | None, source: str) -> None:

@@ -1,7 +1,7 @@
 """Performer positive random features (FAVOR+), the low-rank half of Scatterbrain.
 
 Choromanski et al., "Rethinking Attention with Performers" (ICLR'21), as used by Scatterbrain
-(compression card §16): for x, y in R^d and omega ~ N(0, I_d),
+(Chen, Dao et al. 2021): for x, y in R^d and omega ~ N(0, I_d),
     E[exp(omega^T x - |x|^2/2) exp(omega^T y - |y|^2/2)] = exp(x^T y),
 so phi(x) = exp(Omega x - |x|^2/2) / sqrt(M) with M rows omega gives an unbiased, positive
 estimate phi(q)^T phi(k) of exp(q^T k). Attention logits tau q^T k use q, k scaled by sqrt(tau).

@@ -35,6 +35,7 @@ from rankwise.attention.scatterbrain import (
     scatterbrain_attention,
     scatterbrain_dense,
 )
+from rankwise.linalg import compute_dtype
 
 __all__ = ["NAME", "ScatterbrainConfig", "register", "scatterbrain_attention_forward", "use_scatterbrain"]
 
@@ -122,7 +123,7 @@ def scatterbrain_attention_forward(
     groups = query.shape[1] // key.shape[1]
     k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
     n, m = query.shape[-2], k.shape[-2]
-    dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(query.dtype)
     omega = _features(module, config, query.shape[1], query.shape[-1], dt, query.device)
     causal = bool(getattr(module, "is_causal", True))
     if attention_mask is None and n == m:

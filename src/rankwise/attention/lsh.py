@@ -1,6 +1,7 @@
 """LSH-bucketed sparse support for Scatterbrain (SMYRF-style clustering), with de-duplication.
 
-Compression card §16, step 2 and 5. Queries and keys are made comparable by the asymmetric
+Scatterbrain's sparse support (Chen, Dao et al. 2021), built with SMYRF's
+asymmetric LSH (Daras et al. 2020). Queries and keys are made comparable by the asymmetric
 XBOX+ transform (q -> [q, 0, sqrt(Mq^2 - |q|^2)], k -> [k, sqrt(Mk^2 - |k|^2), 0], so that
 q~^T k~ = q^T k while every q~ has norm Mq and every k~ norm Mk: a large inner product becomes a
 small angle). Each of `n_hashes` rounds projects all q~ and k~ on one random Gaussian direction,

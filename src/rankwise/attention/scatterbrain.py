@@ -1,6 +1,6 @@
 """Scatterbrain: sparse + low-rank approximation of softmax attention (Chen, Dao et al., NeurIPS'21).
 
-Compression card §16. With tau the softmax temperature (1/sqrt(d)), E = exp(tau Q K^T) (n, m) and
+With tau the softmax temperature (1/sqrt(d)), E = exp(tau Q K^T) (n, m) and
 exact attention O = (E V) / (E 1). Scatterbrain estimates E by
     E_hat = E_lr + [E - E_lr]_S,        E_lr = phi(Q) phi(K)^T   (Performer, features.py)
 i.e. exact on a sparse support S (a local window, or LSH buckets: lsh.py) and low-rank elsewhere.
@@ -30,6 +30,7 @@ import math
 import torch
 
 from rankwise.attention.features import log_features
+from rankwise.linalg import compute_dtype
 
 __all__ = [
     "combine",
@@ -44,7 +45,7 @@ _NEG = float("-inf")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return compute_dtype(x.dtype)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

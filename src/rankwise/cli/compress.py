@@ -3,6 +3,12 @@
 The result reloads with `rankwise.load_model(DIR)` (or `rankwise.compress.load_compressed`)
 and evaluates with `rankwise eval DIR`. `--ratio` is the fraction of parameters removed from
 the targeted layers (`--scope model`: from the whole model); the summary prints both.
+
+Outputs are checked before the model is loaded (a file, a path under a file, a read-only
+directory, the input itself, or a directory holding files rankwise did not write are refused)
+and published atomically: a run killed at any point leaves the old --out or the new one.
+With --method eora, --peft-out also needs the quantised base model the adapter applies to;
+it is written to --peft-base (default: --out with "-base" appended).
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=32, help="for --method eora: the EoRA rank (default 32)")
     parser.add_argument("--peft-out", default=None,
                         help="for --method eora: also write the EoRA paths as a PEFT LoRA adapter here")
+    parser.add_argument("--peft-base", default=None,
+                        help="with --peft-out: where to write the quantised base model the adapter applies to "
+                             "(default: OUT-base); an existing directory is replaced only if rankwise wrote it")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration micro-batch size")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -67,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_ratio(args.ratio)  # fail before the (slow) model load
     preset = get_preset(args.method)
+    peft_base = check_outputs(args, preset.kind)  # every output writable, none clobbers the input
     progress = not args.no_progress
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -83,10 +93,43 @@ def run(args: argparse.Namespace) -> int:
                            compensation_rank=args.compensation_rank, **common)
     save_compressed(model, args.out, tokenizer=tokenizer, report=report)
     if preset.kind == "compensate" and args.peft_out:
-        export_peft(model, args.peft_out, base_directory=f"{args.out.rstrip('/')}-base", tokenizer=tokenizer)
+        export_peft(model, args.peft_out, base_directory=peft_base, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         print(report.summary())
         print(f"\nsaved to {args.out}; evaluate with: rankwise eval {args.out}")
     return 0
+
+
+def check_outputs(args: argparse.Namespace, kind: str) -> str | None:
+    """Refuse unusable outputs before any work; returns the PEFT base directory (or None)."""
+    from rankwise.compress.saving import MARKER
+
+    if args.peft_out and kind != "compensate":
+        raise ValueError("--peft-out exports EoRA paths: it needs --method eora")
+    outs = {"--out": args.out}
+    peft_base = None
+    if args.peft_out and kind == "compensate":
+        peft_base = args.peft_base or f"{args.out.rstrip('/')}-base"
+        outs |= {"--peft-out": args.peft_out, "--peft-base": peft_base}
+    check_output_dir(args.out, "--out", (args.model,), MARKER)
+    if peft_base is not None:
+        check_output_dir(args.peft_out, "--peft-out", (args.model, args.out), "adapter_config.json")
+        check_output_dir(peft_base, "--peft-base", (args.model, args.out, args.peft_out), MARKER)
+    return peft_base
+
+
+def check_output_dir(path: str, flag: str, sources: tuple[str, ...], marker: str) -> None:
+    """`path` must be writable, not one of `sources` (nor inside / around one), and either new,
+    empty, or a directory rankwise wrote before (it holds `marker`): never a user's other files."""
+    from pathlib import Path
+
+    from rankwise.io import check_output
+
+    check_output(path, sources=sources, flag=flag)
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()) and not (p / marker).is_file():
+        example = sorted(e.name for e in p.iterdir())[0]
+        raise ValueError(f"{flag} {path} already holds files that rankwise did not write there (e.g. {example}): "
+                         "choose a new or empty directory")

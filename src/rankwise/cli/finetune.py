@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method {args.method!r}: choose one of {list_methods()} or "
                          f"{FULL!r}")
     config = config_from_args(args)
+    if args.out:
+        from rankwise.io import check_output
+
+        check_output(args.out, flag="--out")  # writable, before any training step
     try:
         result = finetune(config, resume=args.resume)
     except FloatingPointError as exc:

@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.train.loop import pretrain
 
     config = config_from_args(args)
+    from rankwise.io import check_output
+
+    check_output(args.out, flag="--out")  # writable, before any training step
     try:
         result = pretrain(config, resume=args.resume)
     except FloatingPointError as exc:

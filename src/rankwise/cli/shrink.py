@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the pipeline and print the summary; returns the exit status."""
     if not 0 < args.ratio < 1:
         raise ValueError(f"--ratio {args.ratio} is outside (0, 1): pass the fraction of parameters to remove, e.g. 0.2")
+    from rankwise.io import check_output
+
+    check_output(args.out, sources=(args.model,), flag="--out")  # before any work
     if args.threads:
         import torch
 

@@ -32,6 +32,7 @@ from rankwise.compress.allocate import LayerSpec, allocate_ranks
 from rankwise.compress.base import check_ratio
 from rankwise.compress.presets import MethodPreset, get_preset
 from rankwise.compress.report import CompressionReport, LayerRecord
+from rankwise.stages import guarded
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def _scoped_ratio(ratio: float, scope: str, model: nn.Module, targets: Mapping[s
     return inner
 
 
+@guarded  # seams, NaN/inf and calibration ids checked first; rollback on failure
 def compress_(
     model: nn.Module,
     method: str = "svd-llm",
@@ -384,6 +386,7 @@ def _sequential(model, preset, compressor, targets, ranks, ids, comp_rank, batch
     return done
 
 
+@guarded
 def compensate_(
     model: nn.Module,
     base: str = "int4",

@@ -10,8 +10,12 @@ Layout of a directory written by `save_compressed`:
                                 tied weights stored once
     tokenizer files             when a tokenizer is given
     rankwise_compression.json   format, architecture, per-layer structure and ranks, the
-                                CompressionReport; written last, so its presence marks a
-                                complete directory
+                                CompressionReport, and "files": the SHA-256 and size of every
+                                other file (checked on load); written last
+
+The directory is built beside its destination and published by one rename
+(rankwise.io.publish_dir): a save killed at any point leaves the previous directory or the new
+one. The marker is validated field by field before any layer is allocated.
 
 `load_compressed(dir)` builds the architecture from config.json with stock transformers classes
 (no pickles, no `trust_remote_code`), swaps in FactorizedLinear / CompensatedLinear at the
@@ -96,12 +100,23 @@ def save_compressed(
 
     Args:
         model: a transformers `PreTrainedModel` (its config says how to rebuild it).
-        directory: created if missing; existing files of the same names are replaced atomically.
+        directory: created if missing. The directory is built beside it and published by one
+            rename (rankwise.io.publish_dir): a crash leaves the old copy or the new one; other
+            files already in it are kept.
         tokenizer: saved alongside when given (so `rankwise eval DIR` finds it).
         report: the CompressionReport (or its dict) to record.
     """
     from rankwise import __version__
-    from rankwise.io import save_tensors, write_json, write_text
+    from rankwise.io import (
+        digest_files,
+        publish_dir,
+        read_json,
+        save_tensors,
+        verify_files,
+        write_json,
+        write_text,
+    )
+    from rankwise.stages import check_savable
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
@@ -109,29 +124,32 @@ def save_compressed(
             f"save_compressed needs a Hugging Face model with a .config, got {type(model).__name__}: "
             "save a plain module's state_dict with rankwise.io.save_tensors instead"
         )
+    check_savable(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    marker = directory / MARKER
-    if marker.exists():
-        marker.unlink()  # the directory is incomplete until the marker is rewritten
     specs = _layer_specs(model)
-    cfg = json.loads(config.to_json_string(use_diff=True))
-    cfg["architectures"] = [type(model).__name__]
-    write_text(directory / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and hasattr(gen, "to_json_string"):
-        write_text(directory / "generation_config.json", gen.to_json_string(use_diff=True))
-    state, tied = _dedupe(model.state_dict())
-    save_tensors(directory / WEIGHTS, state, metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
     if report is not None and hasattr(report, "to_dict"):
         report = report.to_dict()
     dtype = next(model.parameters()).dtype
-    write_json(marker, {
-        "format": FORMAT, "rankwise_version": __version__, "architecture": type(model).__name__,
-        "dtype": str(dtype).removeprefix("torch."), "layers": specs, "tied": tied, "report": report,
-    })
+
+    def verify(tmp: Path) -> None:
+        verify_files(tmp, read_json(tmp / MARKER)["files"], marker=MARKER, full=False)
+
+    with publish_dir(directory, verify=verify) as tmp:
+        cfg = json.loads(config.to_json_string(use_diff=True))
+        cfg["architectures"] = [type(model).__name__]
+        write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "to_json_string"):
+            write_text(tmp / "generation_config.json", gen.to_json_string(use_diff=True))
+        state, tied = _dedupe(model.state_dict())
+        save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / MARKER, {  # written last, with the checksum of every other file
+            "format": FORMAT, "rankwise_version": __version__, "architecture": type(model).__name__,
+            "dtype": str(dtype).removeprefix("torch."), "layers": specs, "tied": tied, "report": report,
+            "files": digest_files(tmp),
+        })
     logger.info("saved %d compressed layers to %s", len(specs), directory)
     return directory
 
@@ -174,21 +192,25 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
     from transformers import AutoConfig
 
     from rankwise import surgery
-    from rankwise.io import load_tensors, read_json
+    from rankwise.io import load_tensors, read_json, recover, verify_files
 
     directory = Path(directory)
+    recover(directory)  # a save killed between its two renames: put the old copy back
     if not is_compressed_dir(directory):
         raise FileNotFoundError(
             f"{directory} has no {MARKER}: it was not written by save_compressed (load it with "
             "rankwise.load_model, or compress a model first)"
         )
-    meta = read_json(directory / MARKER)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / MARKER} has format {meta.get('format')!r}; this rankwise reads {FORMAT}")
-    saved_dtype = getattr(torch, meta.get("dtype", "float32"))
+    meta = _check_marker(read_json(directory / MARKER), directory / MARKER)
+    if "files" in meta:  # the files this load reads (tokenizer files may be edited freely)
+        verify_files(directory, meta["files"], marker=MARKER,
+                     only=lambda name: name in _CHECKED or name.endswith(".safetensors"))
+    saved_dtype = getattr(torch, meta["dtype"])
     cls = _architecture(meta["architecture"])
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     model = _instantiate(cls, config, saved_dtype)
+    for fqn, spec in meta["layers"].items():
+        _check_slot(model, fqn, spec, directory / MARKER)
     for fqn, spec in meta["layers"].items():
         surgery.replace_module(model, fqn, _empty_layer(spec, saved_dtype))
     tensors = load_tensors(directory / WEIGHTS)
@@ -199,7 +221,7 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
             f"{directory / WEIGHTS} does not match the ranks in {MARKER} ({str(exc).splitlines()[-1].strip()}): "
             "the directory is corrupt or mixed; re-save it"
         ) from None
-    tied = set(meta.get("tied", {}))
+    tied = set(meta["tied"])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(
@@ -209,7 +231,10 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # re-share tied parameters (the file stores them once)
     state = model.state_dict()
-    for dropped, kept in meta.get("tied", {}).items():
+    for dropped, kept in meta["tied"].items():
+        if dropped not in state or kept not in tensors:
+            raise ValueError(f"{directory / MARKER} ties {dropped!r} to {kept!r}, which the model or the "
+                             "weights lack: the directory is corrupt; re-save it")
         if state[dropped].data_ptr() != state[kept].data_ptr():
             with torch.no_grad():
                 state[dropped].copy_(tensors[kept])
@@ -220,6 +245,74 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_CHECKED = ("config.json", "generation_config.json")
+
+
+def _bad(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} is malformed ({what}): the file is corrupt or was edited; re-save the model")
+
+
+def _check_marker(meta: Any, path: Path) -> dict[str, Any]:
+    """Types and ranges of every field of the marker, before anything is allocated."""
+    if not isinstance(meta, dict):
+        raise _bad(path, f"a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}; this rankwise reads {FORMAT}")
+    meta.setdefault("dtype", "float32")
+    meta.setdefault("tied", {})
+    if not isinstance(meta.get("architecture"), str):
+        raise _bad(path, "'architecture' is not a class name")
+    if meta["dtype"] not in _DTYPES:
+        raise _bad(path, f"'dtype' {meta['dtype']!r} is not one of {list(_DTYPES)}")
+    tied = meta["tied"]
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise _bad(path, "'tied' is not an object of names")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        raise _bad(path, "'layers' is not an object")
+    for fqn, spec in layers.items():
+        _check_spec(fqn, spec, path)
+    return meta
+
+
+def _int(spec: dict[str, Any], key: str, fqn: str, path: Path, hi: int | None = None) -> int:
+    v = spec.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (hi is not None and v > hi):
+        bound = f" in [1, {hi}]" if hi is not None else " >= 1"
+        raise _bad(path, f"{fqn!r}: {key!r} is {v!r}, not an int{bound}")
+    return v
+
+
+def _check_spec(fqn: str, spec: Any, path: Path) -> None:
+    if not isinstance(spec, dict) or spec.get("type") not in ("factorized", "compensated"):
+        raise _bad(path, f"{fqn!r}: not a factorized/compensated layer record")
+    n, m = _int(spec, "in", fqn, path), _int(spec, "out", fqn, path)
+    _int(spec, "rank", fqn, path, min(n, m))
+    if spec["type"] == "factorized":
+        if not isinstance(spec.get("bias"), bool):
+            raise _bad(path, f"{fqn!r}: 'bias' is not true/false")
+        return
+    base = spec.get("base")
+    if not isinstance(base, dict) or base.get("type") not in ("factorized", "dense") \
+            or not isinstance(base.get("bias"), bool):
+        raise _bad(path, f"{fqn!r}: 'base' is not a factorized/dense layer record")
+    if base["type"] == "factorized":
+        _int(base, "rank", fqn, path, min(n, m))
+
+
+def _check_slot(model: nn.Module, fqn: str, spec: dict[str, Any], path: Path) -> None:
+    """The recorded layer must replace an nn.Linear of the same shape in the rebuilt model."""
+    try:
+        module = model.get_submodule(fqn)
+    except AttributeError:
+        raise _bad(path, f"the model has no layer {fqn!r}") from None
+    if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != (spec["in"], spec["out"]):
+        raise _bad(path, f"{fqn!r} is recorded as {spec['out']}x{spec['in']} but the model's layer there is "
+                         f"{type(module).__name__} {getattr(module, 'out_features', '?')}x"
+                         f"{getattr(module, 'in_features', '?')}")
 
 
 def _instantiate(cls: type, config: Any, dtype: torch.dtype) -> nn.Module:
@@ -248,12 +341,15 @@ def export_peft(
         directory: adapter output (adapter_config.json + adapter_model.safetensors).
         base_directory: also write the compressed base model (the layers without their EoRA
             paths) there, loadable by stock `from_pretrained`; the adapter then points to it.
+            Both directories are published atomically (rankwise.io.publish_dir); the adapter
+            also gets rankwise_manifest.json (checksums; PEFT ignores the file).
         tokenizer: saved with the base model.
     """
-    from rankwise import surgery
+    from rankwise import io, surgery
     from rankwise.compress.eora import CompensatedLinear
-    from rankwise.io import save_tensors, write_json
+    from rankwise.stages import check_savable
 
+    check_savable(model, "export_peft")
     comps = {f: m for f, m in model.named_modules() if isinstance(m, CompensatedLinear)}
     if not comps:
         raise ValueError("the model has no EoRA paths to export: run compensate_ first")
@@ -286,9 +382,12 @@ def export_peft(
         "base_model_name_or_path": base_name,
     }
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    write_json(directory / "adapter_config.json", config)
+    if base_directory is not None:
+        io.check_output(base_directory, sources=[directory], flag="the base directory")
+    with io.publish_dir(directory) as tmp:
+        io.save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        io.write_json(tmp / "adapter_config.json", config)
+        io.write_json(tmp / io.MANIFEST, {"format": "rankwise-manifest", "files": io.digest_files(tmp)})
     if base_directory is not None:
         with surgery.replaced(model, {f: m.base_layer for f, m in comps.items()}):
             save_compressed(model, base_directory, tokenizer=tokenizer)

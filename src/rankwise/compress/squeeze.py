@@ -79,9 +79,21 @@ def squeeze_peft_adapter(
     Modules whose rank is already <= `rank` are copied (with the scale folded in). Returns a
     summary `{module: (r_src, r_new)}` plus parameter counts before/after.
     """
-    from rankwise.io import load_tensors, read_json, save_tensors, write_json
+    from rankwise.io import (
+        MANIFEST,
+        check_output,
+        digest_files,
+        load_tensors,
+        publish_dir,
+        read_json,
+        save_tensors,
+        verify_manifest,
+        write_json,
+    )
 
     src, out = Path(src), Path(out)
+    check_output(out, sources=[src])
+    verify_manifest(src)
     config = read_json(src / "adapter_config.json")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"{src} holds a {config.get('peft_type')} adapter: only LoRA can be squeezed")
@@ -124,9 +136,10 @@ def squeeze_peft_adapter(
     config["use_rslora"] = False
     config["rank_pattern"] = {k: v for k, v in new_pattern.items() if v != config["r"]}
     config["alpha_pattern"] = dict(config["rank_pattern"])  # alpha = r everywhere: scale 1
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "adapter_model.safetensors", new, metadata={"format": "pt"})
-    write_json(out / "adapter_config.json", config)
+    with publish_dir(out, sources=[src]) as tmp:  # atomic; never into its own input
+        save_tensors(tmp / "adapter_model.safetensors", new, metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", config)
+        write_json(tmp / MANIFEST, {"format": "rankwise-manifest", "files": digest_files(tmp)})
     return summary
 
 

@@ -135,7 +135,16 @@ def to_json(result: InspectResult) -> dict[str, Any]:
 
 
 def write_outputs(result: InspectResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write inspect.json, table.txt, spectra.safetensors, the PNG plots and report.html."""
+    """Write inspect.json, table.txt, spectra.safetensors, the PNG plots and report.html into
+    `out_dir`, published atomically (rankwise.io.publish_dir); returns their final paths."""
+    from rankwise import io
+
+    with io.publish_dir(out_dir) as tmp:
+        paths = _write_outputs(result, tmp)
+    return {k: Path(out_dir) / p.relative_to(tmp) for k, p in paths.items()}
+
+
+def _write_outputs(result: InspectResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     from rankwise import io
     from rankwise.inspect import plots, report
 

@@ -1,7 +1,7 @@
 """The shared shell of every trainable parameterisation of a linear layer, and model-level swaps.
 
-Each method (SLTrain, LOST, SST, Maestro, TRP, ReLoRA, Monarch; card numbers in
-shared/methods/training.md) is a subclass of `ParameterizedLinear` that stores its own factors
+Each method (SLTrain, LOST, SST, Maestro, TRP, ReLoRA, Monarch; each module's docstring cites its
+paper and the update it implements) is a subclass of `ParameterizedLinear` that stores its own factors
 and promises the same small protocol:
 
     dense_weight() -> (out, in)        the weight the layer currently represents
@@ -24,16 +24,24 @@ no optimizer state; index sets (SLTrain's support, SST's sampled columns) are bu
 
 from __future__ import annotations
 
-import importlib
 import logging
 import numbers
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.linalg._checks import validate_rank
+from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator, validate_rank
+from rankwise.registry import canonical_name, registry
+
+# The shared helpers live in rankwise.linalg; these names are kept for the layer modules:
+# check_rank(rank, m, n) checks 1 <= rank <= min(m, n); cpu_generator(seed) is a CPU generator
+# (None: the global RNG); work_dtype is the compute dtype (fp64 stays fp64, else fp32).
+check_rank = validate_rank
+cpu_generator = make_generator
+work_dtype = compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,9 @@ __all__ = [
     "ParameterizedLinear",
     "check_fraction",
     "check_rank",
+    "cpu_generator",
+    "kaiming_uniform",
+    "work_dtype",
     "convert_",
     "converted_layers",
     "get_layer_class",
@@ -50,25 +61,53 @@ __all__ = [
     "to_factorized_",
 ]
 
-# method name -> "module:class" (imported on first use, so importing this file stays cheap)
-LAYER_METHODS: dict[str, str] = {
-    "factorized": "rankwise.layers.factorized:FactorizedLinear",
-    "relora": "rankwise.layers.relora:ReLoRALinear",
-    "sltrain": "rankwise.layers.sltrain:SLTrainLinear",
-    "lost": "rankwise.layers.lost:LOSTLinear",
-    "sst": "rankwise.layers.sst:SSTLinear",
-    "maestro": "rankwise.layers.maestro:MaestroLinear",
-    "trp": "rankwise.layers.trp:TRPLinear",
-    "monarch": "rankwise.layers.monarch:MonarchLinear",
-}
+# The built-in layer methods, registered lazily (imported on first use, so importing this file
+# stays cheap) in the one `rankwise.registry` under kind "layer".
+_BUILTIN = (
+    ("factorized", "rankwise.layers.factorized:FactorizedLinear",
+     "dense linear replaced by two matmuls y = B (A x) + b (the form compression produces)"),
+    ("relora", "rankwise.layers.relora:ReLoRALinear",
+     "ReLoRA: frozen W plus a low-rank update merged and restarted periodically"),
+    ("sltrain", "rankwise.layers.sltrain:SLTrainLinear",
+     "SLTrain: sparse (fixed random support) plus low-rank weight"),
+    ("lost", "rankwise.layers.lost:LOSTLinear",
+     "LOST: dominant SVD part plus a channel-wise sparse part"),
+    ("sst", "rankwise.layers.sst:SSTLinear",
+     "Sparse Spectral Training: all singular values, a sampled few singular vectors trained"),
+    ("maestro", "rankwise.layers.maestro:MaestroLinear",
+     "Maestro: low-rank factors ordered by ordered dropout, truncatable after training"),
+    ("trp", "rankwise.layers.trp:TRPLinear",
+     "Trained Rank Pruning: dense weight projected to low rank during training"),
+    ("monarch", "rankwise.layers.monarch:MonarchLinear",
+     "Monarch: product of two block-diagonal factors with a fixed permutation"),
+)
+for _name, _target, _summary in _BUILTIN:
+    registry("layer").register(_name, _target, summary=_summary)
+
+
+class _LayerMethods(Mapping[str, Any]):
+    """Read-only ``{name: target}`` view of ``registry("layer")`` (the former LAYER_METHODS
+    dict of ``"module:Class"`` strings; targets registered as classes appear as classes)."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in registry("layer"):
+            raise KeyError(name)
+        return registry("layer").get(name).target
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry("layer").names())
+
+    def __len__(self) -> int:
+        return len(registry("layer"))
+
+    def __repr__(self) -> str:
+        return f"LAYER_METHODS({dict(self)!r})"
+
+
+LAYER_METHODS: Mapping[str, Any] = _LayerMethods()
 
 
 # ----------------------------------------------------------------------------- validation
-def check_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
-    """1 <= rank <= min(m, n) for an (m, n) = (out, in) weight; returns it as int."""
-    return validate_rank(rank, m, n, name)
-
-
 def check_fraction(value: object, name: str, what: str) -> float:
     """A fraction strictly inside (0, 1); `what` says what it is the fraction of."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -80,6 +119,13 @@ def check_fraction(value: object, name: str, what: str) -> float:
             f"choose e.g. {name}=0.03"
         )
     return value
+
+
+def check_features(in_features: object, out_features: object) -> None:
+    """Raise ValueError unless both layer sizes are positive ints (bools rejected)."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def linear_weight(linear: nn.Module) -> torch.Tensor:
@@ -95,28 +141,6 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
             "the linear weight contains NaN or Inf: check the checkpoint / a diverged step"
         )
     return weight
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for factorisation and dense products (fp64 stays fp64), design rule 5."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def cpu_generator(seed: int | torch.Generator | None) -> torch.Generator | None:
-    """A CPU generator from a seed (None -> torch's global RNG). Draws happen on CPU, then move."""
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    return gen
-
-
-def kaiming_uniform(
-    shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """nn.Linear's default init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in**0.5
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
 # ----------------------------------------------------------------------------- base class
@@ -144,9 +168,7 @@ class ParameterizedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_features(in_features, out_features)
         self.in_features = in_features
         self.out_features = out_features
         if bias:
@@ -206,7 +228,7 @@ class ParameterizedLinear(nn.Module):
                 f"{type(self).__name__} has no natural rank: pass to_factorized(rank=...) "
                 "or use to_dense()"
             )
-        rank = check_rank(rank, self.out_features, self.in_features)
+        rank = validate_rank(rank, self.out_features, self.in_features)
         ref = next(self.parameters())
         with torch.no_grad():
             U, S, Vh = linalg.truncated_svd(self._dense_weight_fp32(), rank)
@@ -216,7 +238,13 @@ class ParameterizedLinear(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _dense_weight_fp32(self) -> torch.Tensor:
-        return self.dense_weight().to(work_dtype(next(self.parameters()).dtype))
+        return self.dense_weight().to(compute_dtype(next(self.parameters()).dtype))
+
+    def _set_bias_(self, bias: torch.Tensor | None) -> None:
+        """Copy `bias` (if given) into this layer's bias without recording a gradient."""
+        if bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias)
 
     def _copy_bias_(self, linear: nn.Linear) -> None:
         if self.bias is not None and linear.bias is not None:
@@ -232,11 +260,10 @@ class ParameterizedLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- model level
 def get_layer_class(method: str) -> type[nn.Module]:
-    """The layer class of a method name (see LAYER_METHODS)."""
-    if not isinstance(method, str) or method.lower() not in LAYER_METHODS:
+    """The layer class of a method name registered in ``registry("layer")`` (dashes allowed)."""
+    if not isinstance(method, str):
         raise ValueError(f"unknown layer method {method!r}: choose one of {sorted(LAYER_METHODS)}")
-    module_name, _, attr = LAYER_METHODS[method.lower()].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    return registry("layer").get(method).load()
 
 
 def _is_converted(module: nn.Module) -> bool:
@@ -304,7 +331,7 @@ def convert_(
     from rankwise.surgery import find_modules, replace_module
 
     cls = get_layer_class(method)
-    method = method.lower()
+    method = canonical_name(method)
     done = converted_layers(model)
     inside = tuple(name + "." for name in done)
     already = (
@@ -320,7 +347,7 @@ def convert_(
     targets = {n: m for n, m in found.items() if not n.startswith(inside)}
     if not targets:
         raise ValueError(already)
-    generator = cpu_generator(seed)
+    generator = make_generator(seed)
     new: dict[str, nn.Module] = {}
     for fqn, linear in targets.items():
         layer = _build(cls, method, linear, {**kwargs, "generator": generator})

@@ -1,7 +1,7 @@
 """FactorizedLinear: a dense linear replaced by two real matmuls, `y = B (A x) + bias`.
 
 This is the storage form of every post-training factorisation in rankwise (LoRD, FWSVD,
-ASVD, SVD-LLM, WeLore, D-Rank, AFM; method cards 1-8 in shared/methods/compression.md):
+ASVD, SVD-LLM, WeLore, D-Rank, AFM; rankwise.compress cites each paper):
 A (rank, in) is applied first, B (out, rank) second and carries the bias. A rank-r layer stores
 `r * (in + out)` weights (+ `out` bias) against `in * out` dense, and costs `2 r (in + out)`
 FLOPs per token against `2 in out`, so it is smaller *and* faster only below the break-even rank
@@ -20,8 +20,14 @@ plain linears; nothing here needs custom kernels or `trust_remote_code`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+from rankwise import linalg
+from rankwise.layers._base import check_features
+from rankwise.linalg import break_even_rank, factorized_params, validate_rank
 
 __all__ = ["FactorizedLinear", "dense_parameters", "factorized_parameters", "saves_parameters"]
 
@@ -33,17 +39,15 @@ def dense_parameters(out_features: int, in_features: int, bias: bool = False) ->
 
 def factorized_parameters(out_features: int, in_features: int, rank: int, bias: bool = False) -> int:
     """Parameters of a rank-`rank` FactorizedLinear: `rank (in + out)` (+ bias on B)."""
-    return rank * (out_features + in_features) + (out_features if bias else 0)
+    return factorized_params(out_features, in_features, rank) + (out_features if bias else 0)
 
 
 def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
     """True when rank-`rank` factors are strictly smaller than the dense weight.
 
-    `rank (m + n) < m n`, i.e. `rank <= rankwise.linalg.break_even_rank(m, n)` (card 0). The
+    `rank (m + n) < m n`, i.e. `rank <= rankwise.linalg.break_even_rank(m, n)`. The
     bias is the same on both sides, so it does not enter the comparison.
     """
-    from rankwise.linalg import break_even_rank
-
     return rank <= break_even_rank(out_features, in_features)
 
 
@@ -72,10 +76,8 @@ class FactorizedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        _check_rank(rank, out_features, in_features)
+        check_features(in_features, out_features)
+        validate_rank(rank, out_features, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
@@ -109,7 +111,8 @@ class FactorizedLinear(nn.Module):
     def from_dense(
         cls, linear: nn.Linear, rank: int, *, allow_no_saving: bool = False
     ) -> FactorizedLinear:
-        """Plain truncated SVD of `linear.weight` (LoRD, card 1): `B A = U_r S_r V_r^T`.
+        """Plain truncated SVD of `linear.weight` (LoRD, Kaushal et al. 2023): `B A = U_r S_r V_r^T`,
+        the best rank-r approximation in Frobenius and spectral norm (Eckart & Young 1936).
 
         The SVD runs in fp32 (fp64 when the weight is fp64) and the factors are balanced
         (`B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`), then cast back to the layer's dtype.
@@ -120,18 +123,16 @@ class FactorizedLinear(nn.Module):
             allow_no_saving: permit `r >= out*in/(out+in)` (e.g. to check that full rank is
                 lossless); by default such a rank raises, since it would add parameters.
         """
-        from rankwise import linalg
-
         weight = _weight_of(linear)
         m, n = weight.shape
-        _check_rank(rank, m, n)
+        validate_rank(rank, m, n)
         if not allow_no_saving and not saves_parameters(m, n, rank):
             raise ValueError(
                 f"rank {rank} does not save parameters for a ({m}, {n}) weight (break-even "
                 f"{m * n / (m + n):.1f}): choose rank < {m * n / (m + n):.1f}, keep the layer dense, "
                 "or pass allow_no_saving=True"
             )
-        work = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        work = weight.detach().to(linalg.compute_dtype(weight.dtype))
         if not torch.isfinite(work).all():
             raise ValueError("weight contains NaN or Inf: the layer cannot be factorised")
         U, S, Vh = linalg.truncated_svd(work, rank)
@@ -155,9 +156,17 @@ class FactorizedLinear(nn.Module):
         """(B (out, r), A (r, in)), the live parameters."""
         return self.B.weight, self.A.weight
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense weight `B A` (out, in) this layer represents."""
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight `B A` (out, in) this layer represents (as
+        `ParameterizedLinear.dense_weight`)."""
         return self.B.weight @ self.A.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """Deprecated name of `dense_weight` (B A is the whole weight, not an update ΔW: in
+        rankwise ``delta_weight`` means ΔW, as in the adapters)."""
+        warnings.warn("FactorizedLinear.delta_weight() is deprecated: it is the whole weight B A; "
+                      "call dense_weight()", DeprecationWarning, stacklevel=2)
+        return self.dense_weight()
 
     def trainable_names(self) -> tuple[str, ...]:
         return ("A.weight", "B.weight") + (("B.bias",) if self.B.bias is not None else ())
@@ -172,7 +181,7 @@ class FactorizedLinear(nn.Module):
             device=self.B.weight.device, dtype=self.B.weight.dtype,
         )
         with torch.no_grad():
-            dense.weight.copy_(self.delta_weight())
+            dense.weight.copy_(self.dense_weight())
             if self.B.bias is not None:
                 dense.bias.copy_(self.B.bias)
         return dense
@@ -191,12 +200,3 @@ def _weight_of(linear: nn.Module) -> torch.Tensor:
             f"expected an nn.Linear-like module with a 2-D weight (out, in), got {type(linear).__name__}"
         )
     return weight
-
-
-def _check_rank(rank: int, m: int, n: int) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}: choose 1 <= rank <= {min(m, n)}")
-    if rank > min(m, n):
-        raise ValueError(f"rank {rank} exceeds min(out, in) = {min(m, n)}: choose rank <= {min(m, n)}")

@@ -1,12 +1,12 @@
-"""LOST: an SVD split into a dominant low-rank part plus a channel-wise sparse part (card 12).
+"""LOST: an SVD split into a dominant low-rank part plus a channel-wise sparse part.
 
 Li et al., "LOST: Low-rank and Sparse Pre-training for Large Language Models" (2025). The paper
 SVDs each weight at initialisation, keeps the top-r singular triplets as a trainable low-rank
 component and builds a *channel-wise* (whole rows or columns) sparse component from the remaining
 singular values/vectors; both are trained end to end from scratch.
 
-What the abstract confirms is above; the rest follows the method card's proposal, which is
-labelled UNCONFIRMED there (the official repository could not be read):
+What the abstract confirms is above; the rest is our reading, not fixed by the paper (the
+official repository could not be read):
 
     W0 = U S V^T;   B = U_r S_r^{1/2} (out, r),  A = S_r^{1/2} V_r^T (r, in)   (Eckart-Young part)
     E  = W0 - B A = sum_{i>r} s_i u_i v_i^T                                     (residual)
@@ -15,8 +15,8 @@ labelled UNCONFIRMED there (the official repository could not be read):
     y  = B (A x) + S x[channels]            (in)   |   y[channels] += S x    (out)
 
 so at init BA + scatter(S) equals W0 on the kept channels and the rank-r truncation elsewhere;
-with every channel kept it is W0 exactly (card test 1). There is no scale between the parts.
-Defaults (UNCONFIRMED, chosen here): channel_dim "in", density 0.05 of the channels.
+with every channel kept it is W0 exactly (the tests check it). There is no scale between the parts.
+Defaults (not fixed by the paper, chosen here): channel_dim "in", density 0.05 of the channels.
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    check_fraction,
-    check_rank,
-    linear_weight,
-    work_dtype,
-)
+from rankwise.layers._base import ParameterizedLinear, check_fraction, check_rank, linear_weight
+from rankwise.linalg import compute_dtype
 
 __all__ = ["LOSTLinear"]
 
@@ -77,9 +72,7 @@ class LOSTLinear(ParameterizedLinear):
         self.A = nn.Parameter(A.detach().clone().to(B.dtype))
         self.S = nn.Parameter(S.detach().clone().to(B.dtype))
         self.register_buffer("channels", channels.detach().clone().long().to(B.device))
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(
@@ -129,7 +122,7 @@ class LOSTLinear(ParameterizedLinear):
             ):
                 raise ValueError(f"channels must be an int in [0, {total}], got {channels!r}")
             k = channels
-        work = weight.detach().to(work_dtype(weight.dtype))
+        work = weight.detach().to(compute_dtype(weight.dtype))
         U, S, Vh = linalg.truncated_svd(work, rank)
         B, A = linalg.split_factors(U, S, Vh)
         residual = work - B @ A  # (out, in): the tail sum_{i>r} s_i u_i v_i^T

@@ -1,4 +1,4 @@
-"""Maestro: a trainable low-rank decomposition ordered by ordered dropout (training card 14).
+"""Maestro: a trainable low-rank decomposition ordered by ordered dropout.
 
 Horvath, Laskaridis et al., "Maestro: Uncovering Low-Rank Structures via Trainable
 Decomposition" (ICML 2024). The layer is `y = B (A x) + b` with A (d, in), B (out, d),
@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight, work_dtype
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
 from rankwise.layers.schedules import LayerSchedule
+from rankwise.linalg import break_even_rank, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class MaestroLinear(ParameterizedLinear):
         weight = linear_weight(linear)
         m, n = weight.shape
         d = min(m, n) if rank is None else check_rank(rank, m, n)
-        U, S, Vh = linalg.truncated_svd(weight.detach().to(work_dtype(weight.dtype)), d)
+        U, S, Vh = linalg.truncated_svd(weight.detach().to(compute_dtype(weight.dtype)), d)
         B, A = linalg.split_factors(U, S, Vh)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(B.to(weight.dtype), A.to(weight.dtype), bias)
@@ -126,7 +127,7 @@ class MaestroLinear(ParameterizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, A = self.factors()
         m, n, k = self.out_features, self.in_features, B.shape[1]
-        if k * (m + n) >= m * n:  # above the break-even rank one dense product is cheaper
+        if k > break_even_rank(m, n):  # factors no smaller than W: one dense product is cheaper
             return F.linear(x, (B @ A).to(x.dtype), self.bias)
         y = (x @ A.T.to(x.dtype)) @ B.T.to(x.dtype)  # (..., in) -> (..., k) -> (..., out)
         return y if self.bias is None else y + self.bias

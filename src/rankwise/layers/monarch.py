@@ -1,4 +1,4 @@
-"""Monarch matrices: a product of two block-diagonal factors with a fixed permutation (card 17).
+"""Monarch matrices: a product of two block-diagonal factors with a fixed permutation.
 
 Dao et al., "Monarch: Expressive Structured Matrices for Efficient and Accurate Training"
 (ICML 2022); the layout is the reference `MonarchLinear` (HazyResearch fly). With b blocks,
@@ -13,7 +13,7 @@ So M[s b + l, k in_blk + p] = sum over t with t % b = l and t // q = k of
 L2[l, s, t // b] * L1[k, t % q, p]: each (l, k) slice of M (rows o = l mod b, columns of input
 block k) is a product of disjoint pieces of L2[l] and L1[k] with rank |T(l, k)|, and the slices
 partition both M and the parameters. Hence the closed-form projection of a dense W
-(`project_monarch`, compression card 17): replace every slice by its best rank-|T(l, k)|
+(`project_monarch`; Dao et al. 2022's projection onto Monarch matrices): replace every slice by its best rank-|T(l, k)|
 approximation (one truncated SVD each, factors split sqrt(S)); Eckart-Young per slice makes it
 optimal in Frobenius norm, exact for a Monarch matrix, and idempotent. For a square d = b^2
 every |T| is 1 (the paper's rank-1 slices). With padding, the padded entries are fitted as zeros.
@@ -29,13 +29,8 @@ import math
 import torch
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    cpu_generator,
-    kaiming_uniform,
-    linear_weight,
-    work_dtype,
-)
+from rankwise.layers._base import ParameterizedLinear, linear_weight
+from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator
 
 __all__ = ["MonarchLinear", "monarch_shapes", "project_monarch"]
 
@@ -82,7 +77,7 @@ def project_monarch(W: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, torch.
     s1, s2 = monarch_shapes(m, n, nblocks)
     b, q, in_blk = s1
     out_blk = s2[1]
-    work = W.detach().to(work_dtype(W.dtype))
+    work = W.detach().to(compute_dtype(W.dtype))
     padded = work.new_zeros(b * out_blk, b * in_blk)
     padded[:m, :n] = work
     # slices[l, k] = rows {s b + l}, columns {k in_blk + p}: (b, b, out_blk, in_blk)
@@ -125,7 +120,7 @@ class MonarchLinear(ParameterizedLinear):
         super().__init__(in_features, out_features, bias, device, dtype)
         s1, s2 = monarch_shapes(out_features, in_features, nblocks)
         self.nblocks = nblocks
-        gen = cpu_generator(generator)
+        gen = make_generator(generator)
         self.L1 = nn.Parameter(kaiming_uniform(s1, s1[2], gen).to(device=device, dtype=dtype))
         self.L2 = nn.Parameter(kaiming_uniform(s2, s2[2], gen).to(device=device, dtype=dtype))
         if self.bias is not None:

@@ -1,10 +1,10 @@
-"""Weight refactorization of factorised layers: rebalance (B, A) without changing B A (card 9).
+"""Weight refactorization of factorised layers: rebalance (B, A) without changing B A.
 
 Glentis et al., "Scalable Parameter and Memory Efficient Pretraining for LLM: Recent Algorithmic
 Advances and Benchmarking" (2025): low-rank pretraining (W = B A, or SLTrain's B A + S) gets
 closer to full-rank training when, every T steps, the factors are refactorised and the momenta
-reset (RefactorSchedule in rankwise.layers.schedules). The refactorisation (exact formula
-UNCONFIRMED in the card; this is the card's version) never forms W:
+reset (RefactorSchedule in rankwise.layers.schedules). The refactorisation (the exact formula
+is not given in the paper; this is ours) never forms W:
 
     B = Q_B R_B,  A^T = Q_A R_A                 thin QR, Q_B (out, r), Q_A (in, r)
     R_B R_A^T = U' S V'^T                       SVD of the r x r core
@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.layers._base import work_dtype
-from rankwise.layers.schedules import LayerSchedule, reset_optimizer_state_
+from rankwise.layers.restarts import reset_optimizer_state_
+from rankwise.layers.schedules import LayerSchedule
+from rankwise.linalg import compute_dtype
 
 __all__ = ["RefactorSchedule", "refactorable_layers", "refactorize", "refactorize_"]
 
@@ -48,7 +49,7 @@ def _refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             f"rank {r} exceeds min(out, in) = {min(B.shape[0], A.shape[1])}: a thin QR needs "
             "r <= min(out, in); use a smaller rank"
         )
-    dt = work_dtype(B.dtype)
+    dt = compute_dtype(B.dtype)
     Bw, Aw = B.detach().to(dt), A.detach().to(dt)
     Q_B = linalg.orthonormalize(Bw)  # (out, r)
     Q_A = linalg.orthonormalize(Aw.T)  # (in, r)

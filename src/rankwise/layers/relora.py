@@ -1,4 +1,4 @@
-"""ReLoRA: high-rank training through periodically merged low-rank updates (training card 10).
+"""ReLoRA: high-rank training through periodically merged low-rank updates.
 
 Lialin et al., "ReLoRA: High-Rank Training Through Low-Rank Updates" (ICLR 2024). The layer is
 
@@ -8,7 +8,7 @@ with dropout on the input of the low-rank branch. Every T_reset steps (ReLoRASch
 update is merged and the factors restart: `W <- W + (alpha/r) B A; A <- Kaiming; B <- 0`
 (`merge_and_reinit_`), which leaves the layer's function unchanged (B = 0 after the restart);
 the schedule then resets the optimizer state of A and B and the LR re-warms from 0 (jagged
-cosine). After k restarts W - W0 can have rank up to k r (card test 2).
+cosine). After k restarts W - W0 = sum of k rank-r merges can have rank up to k r (the tests check it).
 
 Defaults follow the reference `peft_pretraining/relora.py`: alpha 32 (README/launch scripts; the
 layer's own default is 1), dropout 0.1, bias trainable (only the weight is frozen).
@@ -20,15 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    check_rank,
-    cpu_generator,
-    kaiming_uniform,
-    linear_weight,
-    work_dtype,
-)
-from rankwise.layers.schedules import LayerSchedule, reset_optimizer_state_
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
+from rankwise.layers.restarts import reset_optimizer_state_
+from rankwise.layers.schedules import LayerSchedule
+from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator
 
 __all__ = ["ReLoRALinear", "ReLoRASchedule"]
 
@@ -65,10 +60,8 @@ class ReLoRALinear(ParameterizedLinear):
         self.B = nn.Parameter(torch.zeros(m, self.rank, device=weight.device, dtype=weight.dtype))
         self.dropout = nn.Dropout(float(dropout))
         self.register_buffer("restarts", torch.tensor(0, dtype=torch.long, device=weight.device))
-        self.reinit_(cpu_generator(generator))
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self.reinit_(make_generator(generator))
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(
@@ -113,7 +106,7 @@ class ReLoRALinear(ParameterizedLinear):
     @torch.no_grad()
     def merge_and_reinit_(self, generator: torch.Generator | None = None) -> None:
         """W <- W + (alpha/r) B A (in fp32, fp64 stays fp64), then restart (B, A); the output is unchanged."""
-        dt = work_dtype(self.weight.dtype)
+        dt = compute_dtype(self.weight.dtype)
         merged = self.weight.to(dt) + (self.B.to(dt) @ self.A.to(dt)) * self.scale
         self.weight.copy_(merged)
         self.reinit_(generator)

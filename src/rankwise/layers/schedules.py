@@ -17,16 +17,17 @@ records the steps at which its periodic action ran (`runs`), and `state_dict()` 
 `load_state_dict()` carry its counters and RNG for exact resume (the layers' own state - SST's
 sampled set, Maestro's kept ranks, TRP's rank, ReLoRA's restarts - lives in their buffers).
 
-| schedule (defined next to its layer) | periodic action (after update k * every) | before_step | card |
+| schedule (defined next to its layer) | periodic action (after update k * every) | before_step | paper |
 |---|---|---|---|
-| relora.ReLoRASchedule | merge (alpha/r) B A into W, re-init, reset A/B optimizer state | - | 10 |
-| refactor.RefactorSchedule | rebalance (B, A) of factorised layers, reset their moments | - | 9 |
-| sst.SSTSchedule | resample the trained singular vectors; re-SVD every `svd_every` | - | 13 |
-| trp.TRPSchedule | project W to its energy rank | + lambda U_k V_k^T | 15 |
-| maestro.MaestroSchedule | progressive shrinking; every step: draw (layer, rank) | + lambda grad GL | 14 |
+| relora.ReLoRASchedule | merge (alpha/r) B A into W, re-init, reset A/B optimizer state | - | Lialin et al. 2023 |
+| refactor.RefactorSchedule | rebalance (B, A) of factorised layers, reset their moments | - | (rankwise) |
+| sst.SSTSchedule | resample the trained singular vectors; re-SVD every `svd_every` | - | Zhao et al. 2024 |
+| trp.TRPSchedule | project W to its energy rank | + lambda U_k V_k^T | Xu et al. 2020 |
+| maestro.MaestroSchedule | progressive shrinking; every step: draw (layer, rank) | + lambda grad GL | Horváth et al. 2024 |
 
-This module also holds what they share: the optimizer-state reset (ReLoRA's full / magnitude /
-random, card 10) and the jagged cosine LR that re-warms from 0 after each reset.
+Each schedule's module docstring gives its paper and the update it implements. The shared
+optimizer-state reset (ReLoRA's full / magnitude / random) and the jagged cosine LR that re-warms
+from 0 after each reset live in `rankwise.layers.restarts` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import math
-from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from rankwise.layers.restarts import _unwrap, jagged_cosine, quantile_linear, reset_optimizer_state_
+from rankwise.linalg import make_generator
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +136,7 @@ class LayerSchedule(_Callbacks):
         self.model = model
         self.layers = self._find(model)
         self.every = _check_every(every)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = make_generator(int(seed))
         self.step = 0
         self.runs: list[int] = []
         self.optimizer: torch.optim.Optimizer | None = None
@@ -298,126 +301,3 @@ def schedule_for(
         cls = __getattr__("RefactorSchedule")
         schedules.append(cls(model, optimizer, seed=seed, **refactor))
     return Schedules(schedules)
-
-
-# ----------------------------------------------------------------------------- optimizer state
-def _unwrap(optimizer: object) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's / Trainer's wrappers."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
-    return inner
-
-
-def quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile(x.flatten(), q) (linear interpolation) for tensors of any size, in fp32."""
-    flat = x.detach().flatten().float().sort().values
-    pos = q * (flat.numel() - 1)
-    lo = int(pos)
-    hi = min(lo + 1, flat.numel() - 1)
-    return flat[lo] + (pos - lo) * (flat[hi] - flat[lo])
-
-
-@torch.no_grad()
-def reset_optimizer_state_(
-    optimizer: object,
-    params: Iterable[torch.Tensor],
-    *,
-    mode: Literal["full", "magnitude", "random"] = "full",
-    ratio: float = 0.9,
-    reset_step: bool = False,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Reset the optimizer state of `params` (ReLoRA's three reset types, card 10).
-
-    Args:
-        optimizer: a torch optimizer (Accelerate/Trainer wrappers are unwrapped).
-        params: the parameters whose state to reset; others are untouched.
-        mode: "full" zeros every floating state tensor (exp_avg, exp_avg_sq, ...); "magnitude"
-            zeros the entries with |x| <= quantile(|x|, ratio) (linear interpolation, as the
-            reference `magnitude_pruning`: with N distinct magnitudes floor(ratio (N-1)) + 1
-            become zero); "random" zeros each entry with probability `ratio`.
-        ratio: the pruned fraction for "magnitude" / "random", in (0, 1).
-        reset_step: also set the step counter to 0 (then the next update is an Adam first step,
-            as rebuilding the optimizer would give; the ReLoRA reference keeps the counter).
-        generator: for "random".
-
-    Returns:
-        The number of state entries set to zero.
-    """
-    if mode not in ("full", "magnitude", "random"):
-        raise ValueError(f"mode must be 'full', 'magnitude' or 'random', got {mode!r}")
-    if mode != "full" and not 0.0 < float(ratio) < 1.0:
-        raise ValueError(f"ratio must lie strictly between 0 and 1 for mode={mode!r}, got {ratio}")
-    state = _unwrap(optimizer).state
-    zeroed = 0
-    for p in params:
-        entry = state.get(p)
-        if not entry:
-            continue
-        for key, value in entry.items():
-            if key == "step":
-                continue
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                continue
-            if mode == "full":
-                keep = torch.zeros_like(value, dtype=torch.bool)
-            elif mode == "magnitude":
-                keep = value.abs().float() > quantile_linear(value.abs(), float(ratio)).to(
-                    value.device
-                )
-            else:
-                draw = torch.rand(value.shape, generator=generator).to(value.device)
-                keep = draw >= float(ratio)
-            zeroed += int((~keep).sum())
-            value.mul_(keep.to(value.dtype))
-        if reset_step and "step" in entry:
-            step = entry["step"]
-            entry["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
-    return zeroed
-
-
-# ----------------------------------------------------------------------------- jagged LR
-def jagged_cosine(
-    step: int,
-    *,
-    total_steps: int,
-    warmup_steps: int = 0,
-    restart_every: int | None = None,
-    restart_warmup_steps: int = 0,
-    min_ratio: float = 0.1,
-) -> float:
-    """LR multiplier for update `step` (0-based): cosine with warmup, re-warmed after restarts.
-
-    The envelope is `min_ratio + (1 - min_ratio) (1 + cos(pi progress)) / 2` after a linear
-    warmup. With `restart_every` = T (ReLoRA's `cosine_restarts`, the benchmark paper's
-    `cosine_quick_recovery`), the multiplier is 0 at every update k T (k >= 1; the first update
-    after a merge/reset) and climbs linearly to meet the envelope at k T + restart_warmup_steps.
-    Use it through `torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(jagged_cosine,
-    total_steps=..., ...))`; a LayerSchedule called after update k T lines up with it.
-    """
-    if total_steps < 1 or warmup_steps < 0 or restart_warmup_steps < 0:
-        raise ValueError(
-            f"need total_steps >= 1 and non-negative warmups, got {total_steps}, {warmup_steps}, "
-            f"{restart_warmup_steps}"
-        )
-    if restart_every is not None and restart_every <= restart_warmup_steps:
-        raise ValueError(
-            f"restart_every ({restart_every}) must exceed restart_warmup_steps ({restart_warmup_steps})"
-        )
-
-    def envelope(t: int) -> float:
-        if t < warmup_steps:
-            return t / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (t - warmup_steps) / span)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    if restart_every and step >= restart_every and restart_warmup_steps:
-        since = step % restart_every
-        if since < restart_warmup_steps:
-            start = step - since
-            return since / restart_warmup_steps * envelope(start + restart_warmup_steps)
-    return envelope(step)

@@ -56,12 +56,19 @@ class _SparsePlusLowRank(torch.autograd.Function):
     def forward(ctx, x, B, A, values, index, scale, shape):  # type: ignore[override]
         ctx.save_for_backward(x, B, A, values, index)
         ctx.scale, ctx.shape = scale, shape
-        W = _SparsePlusLowRank._weight(B, A, values, index, scale, shape)
-        return x @ W.T  # (..., in) -> (..., out)
+        # one compute dtype: autocast's when active (a Function body runs under it, and
+        # index_add_ / matmul refuse mixed dtypes), else the inputs' own
+        device = x.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(x.dtype, B.dtype))
+        W = _SparsePlusLowRank._weight(B.to(dtype), A.to(dtype), values.to(dtype), index, scale,
+                                       shape)
+        return x.to(dtype) @ W.T  # (..., in) -> (..., out)
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x, B, A, values, index = ctx.saved_tensors
+        saved_x, saved_B, saved_A, saved_values, index = ctx.saved_tensors
+        x, B, A, values = (t.to(gy.dtype) for t in (saved_x, saved_B, saved_A, saved_values))
         scale, (m, n) = ctx.scale, ctx.shape
         gx = gB = gA = gv = None
         if ctx.needs_input_grad[0]:
@@ -74,7 +81,10 @@ class _SparsePlusLowRank(torch.autograd.Function):
                 gA = (B.T @ gW) * scale
             if ctx.needs_input_grad[3]:
                 gv = gW.view(-1).index_select(0, index)  # the dense gradient gathered at Omega
-        return gx, gB, gA, gv, None, None, None
+        grads = (gx, gB, gA, gv)  # back in each input's own dtype (fp32 factors under autocast)
+        grads = tuple(None if g is None else g.to(t.dtype)
+                      for g, t in zip(grads, (saved_x, saved_B, saved_A, saved_values), strict=True))
+        return (*grads, None, None, None)
 
 
 class SLTrainLinear(ParameterizedLinear):

@@ -1,4 +1,4 @@
-"""Sparse Spectral Training: all singular values trained, a sampled few singular vectors (card 13).
+"""Sparse Spectral Training: all singular values trained, a sampled few singular vectors.
 
 Zhao et al., "Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural
 Networks". The weight is kept in spectral form
@@ -17,7 +17,7 @@ in two small trainable parameters U_s (out, r), Vh_s (r, in), so the optimizer s
 2 (r (out + in) + a) instead of 2 out in. The forward substitutes them into U, V^T
 (`index_copy`), so the gradient reaches only the sampled vectors and sigma.
 
-UNCONFIRMED (no official code found; card 13): the sampling and re-SVD periods, whether the
+Not fixed by the paper (no official code found): the sampling and re-SVD periods, whether the
 optimizer state of sigma is reset on a re-SVD, and the paper's "enhanced gradient", which drops
 the sigma_i factor from the vector gradients (dL/du_i = G v_i instead of G v_i sigma_i); it is
 available as `enhanced_grad=True` and off by default (with Adam a per-column rescaling mostly
@@ -30,14 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import (
-    ParameterizedLinear,
-    check_rank,
-    cpu_generator,
-    linear_weight,
-    work_dtype,
-)
-from rankwise.layers.schedules import LayerSchedule, _check_every, reset_optimizer_state_
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
+from rankwise.layers.restarts import reset_optimizer_state_
+from rankwise.layers.schedules import LayerSchedule, _check_every
+from rankwise.linalg import compute_dtype, make_generator
 
 __all__ = ["SSTSchedule", "SSTLinear", "sample_indices"]
 
@@ -111,13 +107,11 @@ class SSTLinear(ParameterizedLinear):
         self.U = nn.Parameter(U.detach().clone(), requires_grad=False)
         self.Vh = nn.Parameter(Vh.detach().clone().to(U.dtype), requires_grad=False)
         self.sigma = nn.Parameter(sigma.detach().clone().to(U.dtype))
-        idx = sample_indices(self.sigma, self.rank, cpu_generator(generator)).to(U.device)
+        idx = sample_indices(self.sigma, self.rank, make_generator(generator)).to(U.device)
         self.register_buffer("sampled", idx)
         self.U_s = nn.Parameter(self.U.detach()[:, idx].clone())
         self.Vh_s = nn.Parameter(self.Vh.detach()[idx, :].clone())
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(
@@ -133,7 +127,7 @@ class SSTLinear(ParameterizedLinear):
 
         weight = linear_weight(linear)
         check_rank(rank, *weight.shape)
-        U, S, Vh = linalg.svd(weight.detach().to(work_dtype(weight.dtype)))
+        U, S, Vh = linalg.svd(weight.detach().to(compute_dtype(weight.dtype)))
         dt = weight.dtype
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(U.to(dt), S.to(dt), Vh.to(dt), rank, bias, enhanced_grad, generator)
@@ -223,7 +217,7 @@ class SSTSchedule(LayerSchedule):
     """Every `every` updates redraw the sampled singular vectors; every `svd_every`, re-SVD first.
 
     The optimizer state of the sampled vectors (and of sigma after a re-SVD, whose entries are
-    then re-sorted) is reset to a first step. Periods are UNCONFIRMED in the paper's sources.
+    then re-sorted) is reset to a first step. The paper does not fix the periods.
     """
 
     layer_type = SSTLinear

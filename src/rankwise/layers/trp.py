@@ -1,4 +1,4 @@
-"""Trained Rank Pruning: low-rank projection inside training + nuclear-norm subgradient (card 15).
+"""Trained Rank Pruning: low-rank projection inside training + nuclear-norm subgradient.
 
 Xu et al., "Trained Rank Pruning for Efficient Deep Neural Networks" (2018/2020). The layer
 keeps a full (out, in) weight; every `every` steps (TRPSchedule; the official CIFAR code uses
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight, work_dtype
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
 from rankwise.layers.schedules import LayerSchedule
+from rankwise.linalg import compute_dtype
 
 __all__ = ["TRPSchedule", "TRPLinear"]
 
@@ -69,7 +70,7 @@ class TRPLinear(ParameterizedLinear):
     def _svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from rankwise import linalg
 
-        return linalg.svd(self.weight.detach().to(work_dtype(self.weight.dtype)))
+        return linalg.svd(self.weight.detach().to(compute_dtype(self.weight.dtype)))
 
     @staticmethod
     def _energy_rank(S: torch.Tensor, energy: float) -> int:

@@ -7,7 +7,8 @@ Cholesky and eigh in fp64; results come back in that compute dtype for the calle
 
 Modules: svd (exact/truncated/randomized SVD, balanced factors), bases (DCT, Haar, column
 selection), project (GaLore one-sided projections), rank (break-even, ratio/energy/budget rules,
-allocation), subspace (subspace iteration for one-sided bases), whiten (Cholesky/eigh whiteners), quant (blockwise int8/int4), spectral (diagnostic
+allocation), random (seeded generators, Kaiming init), subspace (subspace iteration for one-sided
+bases), whiten (Cholesky/eigh whiteners), compute dtype and argument checks (_checks), quant (blockwise int8/int4), spectral (diagnostic
 metrics; imported lazily as rankwise.linalg.spectral).
 """
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from rankwise.linalg._checks import compute_dtype, validate_rank
 from rankwise.linalg.bases import dct_basis, random_orthonormal, select_aligned_columns
 from rankwise.linalg.complete import complete, observed_values, sparse_top_singular_vectors
 from rankwise.linalg.lu import lu
 from rankwise.linalg.project import project_down, project_up, projection_side
 from rankwise.linalg.quant import QuantizedTensor, dequantize_blockwise, quantize_blockwise
+from rankwise.linalg.random import kaiming_uniform, make_generator
 from rankwise.linalg.rank import (
     allocate,
     break_even_rank,
@@ -44,7 +47,6 @@ from rankwise.linalg.subspace import top_right_subspace
 from rankwise.linalg.svd import (
     default_oversample,
     low_rank_approx,
-    make_generator,
     orthonormalize,
     randomized_svd,
     split_factors,
@@ -56,6 +58,9 @@ from rankwise.linalg.whiten import cholesky, cholesky_whitener, eigh, eigh_white
 
 __all__ = [
     "complete",
+    "compute_dtype",
+    "kaiming_uniform",
+    "validate_rank",
     "observed_values",
     "sparse_top_singular_vectors",
     "inclusion_probabilities",

@@ -1,6 +1,6 @@
 """Shared input validation for rankwise.linalg: every error names the problem and the fix.
 
-Also holds the dtype policy of the package (design rule 5): factorisations run in fp32 at least
+Also holds the dtype policy of the package (`compute_dtype`): factorisations run in fp32 at least
 (fp16/bf16 are upcast, fp64 stays fp64); Grams, Cholesky and eigh run in fp64.
 """
 
@@ -96,7 +96,7 @@ def validate_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
     rank = int(rank)
     limit = min(m, n)
     if rank <= 0:
-        raise ValueError(f"{name} must be positive, got {rank}: choose 1 <= {name} <= {limit}")
+        raise ValueError(f"{name} must be positive (>= 1), got {rank}: choose 1 <= {name} <= {limit}")
     if rank > limit:
         raise ValueError(
             f"{name} {rank} exceeds min(m, n) = {limit} for a ({m}, {n}) matrix: "

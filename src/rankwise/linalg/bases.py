@@ -1,6 +1,6 @@
 """Fixed and random orthonormal bases: the DCT basis, column selection by alignment, Haar samples.
 
-DCT basis (SVD-free DCT projection, training card §5; IST-DASLab `utils/dct.py`): one orthonormal
+DCT basis (SVD-free DCT projection of gradients, Modoranu et al. 2025; IST-DASLab `utils/dct.py`): one orthonormal
 matrix per size d, cached, shared by every layer of that size,
 
     D[k, j] = sqrt(2 / d) * c_k * cos(pi * k * (2 j + 1) / (2 d)),   c_0 = 1/sqrt(2), c_k = 1,

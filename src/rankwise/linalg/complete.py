@@ -1,15 +1,16 @@
 """Low-rank matrix completion by alternating minimisation, exact and robust (sketched) updates.
 
-Problem (compression card §14): a rank-k matrix M (m, n) is observed only on a set Omega of
+Problem: a rank-k matrix M (m, n) is observed only on a set Omega of
 entries, given as COO triplets (rows, cols, values); find U (m, k), V (n, k) with M ~= U V^T.
 Nothing here forms a dense m x n matrix or mask: every step works on the |Omega| triplets.
 
-AltMin (Jain, Netrapalli, Sanghavi, STOC'13, "JNS13"):
+AltMin (Jain, Netrapalli & Sanghavi 2013, "Low-rank matrix completion using alternating
+minimization", STOC, Algorithm 2; "JNS13"):
     init  U = top-k left singular vectors of (mn / |Omega|) P_Omega(M)   (spectral init)
     loop  V = argmin_V ||P_Omega(U V^T - M)||^2,  then U = argmin_U ||P_Omega(U V^T - M)||^2,
           orthonormalising (QR) the factor held fixed before each half-step.
 Each argmin decouples by row: v_j = (sum_{i in Omega_j} u_i u_i^T + lam I)^{-1} sum u_i M_ij, a
-k x k system per column. As used in practice (card §14) all of Omega is reused at every step (no
+k x k system per column. As is usual in practice, all of Omega is reused at every step (no
 sample splitting), the JNS13 entry clipping is not applied, and a small ridge lam keeps rows with
 fewer than k observations solvable.
 
@@ -24,7 +25,7 @@ Two solvers for these per-row systems (`method`):
   [S A_a; sqrt(lam) I], "CholeskyQR") preconditions PCG, which needs only products with A_a
   (O(n_a k) each). Cost O(|Omega| k * cg_iters + p s k^2) per half-step: linear in |Omega| k
   instead of |Omega| k^2. The paper's analysis tolerates the per-step errors; its exact sketch
-  type and iteration counts are not stated in the abstract (card: UNCONFIRMED), so the defaults
+  type and iteration counts are not fixed by the paper's statement of the algorithm, so the defaults
   here (s = 2k, 3 PCG steps) are ours, checked by the tests (recovery to 1e-6) and by
   benchmarks/kernels.py. `preconditioner="jacobi"` (diagonal of A^T A) is the O(|Omega| k)
   alternative: under incoherence A_a^T A_a ~= (n_a / n) I, so the diagonal is already good.
@@ -49,7 +50,9 @@ from typing import Any, Literal
 
 import torch
 
+from rankwise.linalg._altmin import _Side, _solve_exact, _solve_pcg
 from rankwise.linalg._checks import validate_fraction, validate_int, validate_rank, validate_shape
+from rankwise.linalg.rank import factorized_params
 from rankwise.linalg.svd import make_generator, orthonormalize, svd
 
 __all__ = ["complete", "observed_values", "sparse_top_singular_vectors"]
@@ -58,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = torch.Tensor | Sequence[int] | Sequence[float] | Any
 _CHUNK = 1 << 22  # elements per chunk of entry-wise products (~32 MiB fp64)
-_CHUNK_ENTRIES = 1 << 16  # padded entries per row chunk of the batched solvers
 
 
 def _as_index(x: ArrayLike, name: str, size: int, length: int | None) -> torch.Tensor:
@@ -103,38 +105,12 @@ def observed_values(U: torch.Tensor, V: torch.Tensor, rows: torch.Tensor, cols: 
     return out
 
 
-def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A CSR matrix (torch's beta-state warning silenced: we use only CSR @ dense)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, vals, size, check_invariants=False)
-
-
 def _sparse(rows, cols, vals, m, n) -> torch.Tensor:
     """CSR (m, n) from COO triplets, duplicates summed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (m, n), check_invariants=False)
         return coo.coalesce().to_sparse_csr()
-
-
-def _sparse(rows, cols, vals, m, n) -> torch.Tensor:
-    """CSR (m, n) from COO triplets, duplicates summed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (m, n), check_invariants=False)
-        return coo.coalesce().to_sparse_csr()
-
-
-def _segment_matrix(a_sorted: torch.Tensor, p: int, weights: torch.Tensor) -> torch.Tensor:
-    """CSR (p, E) with row a holding `weights` at the (sorted) entries of segment a.
-
-    P @ X sums the rows of X (E, c) per segment: a segment sum that is much faster on CPU than
-    index_add_ (no atomics) and single-threaded-friendly.
-    """
-    counts = torch.bincount(a_sorted, minlength=p)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    return _csr(crow, torch.arange(a_sorted.numel()), weights, (p, a_sorted.numel()))
 
 
 def sparse_top_singular_vectors(
@@ -170,159 +146,6 @@ def sparse_top_singular_vectors(
     B = (Xt @ Q).mT  # (l, n) = Q^T X
     Ub, S, Vh = svd(B)
     return (Q @ Ub)[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous()
-
-
-class _Side:
-    """The observed entries grouped by the row a they constrain (b: the fixed factor's row).
-
-    Rows are ordered by observation count and cut into chunks padded to the chunk's largest
-    count (power-law counts waste little), so every per-row product is a batched matmul:
-    the design of chunk c is F_c = fixed[b_pad] * valid, shape (rows, L, k).
-    """
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: int, q: int) -> None:
-        order = torch.argsort(a, stable=True)
-        self.a, self.b, self.y, self.p, self.q = a[order], b[order], y[order], p, q
-        self.counts = torch.bincount(self.a, minlength=p)
-        starts = torch.cumsum(self.counts, 0) - self.counts
-        by_count = torch.argsort(self.counts, stable=True)
-        counts = self.counts[by_count].tolist()
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        i = next((t for t, c in enumerate(counts) if c > 0), p)  # empty rows: no chunk
-        while i < p:
-            j = i + 1
-            while j < p and (j + 1 - i) * counts[j] <= _CHUNK_ENTRIES:
-                j += 1
-            rows, top = by_count[i:j], counts[j - 1]
-            idx = starts[rows, None] + torch.arange(top)
-            valid = torch.arange(top) < self.counts[rows, None]
-            idx = torch.where(valid, idx, torch.zeros_like(idx))
-            self.chunks.append((rows, self.b[idx], valid.to(y.dtype).unsqueeze(-1), self.y[idx] * valid))
-            i = j
-
-    def designs(self, fixed: torch.Tensor) -> list[torch.Tensor]:
-        """Padded per-row designs F_c (rows, L, k) of every chunk for this fixed factor."""
-        return [fixed[b_pad] * valid for _, b_pad, valid, _ in self.chunks]
-
-    def rhs(self, Fs: list[torch.Tensor]) -> torch.Tensor:
-        """A^T y per row: (p, k)."""
-        out = torch.zeros(self.p, Fs[0].shape[-1] if Fs else 1, dtype=self.y.dtype)
-        for (rows, _, _, y_pad), F in zip(self.chunks, Fs, strict=True):
-            out[rows] = (F.mT @ y_pad.unsqueeze(-1)).squeeze(-1)
-        return out
-
-    def matvec(self, Fs: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-        """A^T A x per row (p, k) for x = X (p, k): two batched products, O(|Omega| k)."""
-        out = torch.zeros_like(X)
-        for (rows, _, _, _), F in zip(self.chunks, Fs, strict=True):
-            out[rows] = (F.mT @ (F @ X[rows].unsqueeze(-1))).squeeze(-1)
-        return out
-
-    def grams(self, Fs: list[torch.Tensor], k: int) -> torch.Tensor:
-        """A^T A per row (p, k, k): O(|Omega| k^2) by batched matmuls."""
-        G = torch.zeros(self.p, k, k, dtype=self.y.dtype)
-        for (rows, _, _, _), F in zip(self.chunks, Fs, strict=True):
-            G[rows] = F.mT @ F
-        return G
-
-
-def _solve_exact(side: _Side, fixed: torch.Tensor, lam: float, Fs: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Every row's (A^T A + lam I) x = A^T y by Cholesky (lstsq for singular rows): (p, k)."""
-    k = fixed.shape[1]
-    Fs = side.designs(fixed) if Fs is None else Fs
-    G = side.grams(Fs, k)
-    G.diagonal(dim1=-2, dim2=-1).add_(lam)
-    L, info = torch.linalg.cholesky_ex(G)
-    rhs = side.rhs(Fs).unsqueeze(-1) if Fs else torch.zeros(side.p, k, 1, dtype=fixed.dtype)
-    if bool(info.any()):  # rank-deficient rows with a negligible ridge: least-norm solve instead
-        bad = info != 0
-        logger.debug("complete: %d singular row systems, solved by lstsq", int(bad.sum()))
-        out = torch.empty(side.p, k, 1, dtype=fixed.dtype)
-        good = ~bad
-        out[good] = torch.cholesky_solve(rhs[good], L[good])
-        out[bad] = torch.linalg.lstsq(G[bad], rhs[bad], driver="gelsd").solution
-        return out.squeeze(-1)
-    return torch.cholesky_solve(rhs, L).squeeze(-1)
-
-
-def _sketch_cholesky(side: _Side, Fs: list[torch.Tensor], k: int, lam: float, s: int, gen) -> torch.Tensor:
-    """Lower L (p, k, k) with L L^T = (S A_a)^T (S A_a) + lam I ~= A_a^T A_a + lam I.
-
-    S is a CountSketch with s buckets for rows with more than s observations (O(n_a k) to apply)
-    and the identity for the others (their design is already small). The factor is taken by
-    Cholesky of the sketched Gram (CholeskyQR: the R of qr(S A_a) up to signs) in O(s k^2).
-    """
-    dt = Fs[0].dtype if Fs else torch.float64
-    eye = torch.eye(k, dtype=dt)
-    floor = max(lam, torch.finfo(dt).eps)  # rows without observations and without ridge
-    L = (math.sqrt(floor) * eye).repeat(side.p, 1, 1)
-    for (rows, _, _, _), F in zip(side.chunks, Fs, strict=True):
-        r, top = F.shape[:2]
-        if top <= s:
-            SA = F
-        else:
-            bucket = torch.randint(0, s, (r, top), generator=gen)
-            sign = torch.randint(0, 2, (r, top, 1), generator=gen).to(dt) * 2 - 1
-            short = (side.counts[rows] <= s)[:, None]
-            bucket = torch.where(short, torch.arange(top).clamp_max(s - 1).expand(r, top), bucket)
-            sign = torch.where(short[..., None], torch.ones_like(sign), sign)
-            target = (torch.arange(r)[:, None] * s + bucket).reshape(-1)  # flat sketch row of each entry
-            SA = torch.zeros(r * s, k, dtype=dt).index_add_(0, target, (F * sign).reshape(-1, k)).view(r, s, k)
-        G = SA.mT @ SA + lam * eye
-        Lc, info = torch.linalg.cholesky_ex(G)
-        if bool(info.any()):  # singular sketch (fewer than k observations, no ridge): jitter it
-            scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(floor)
-            Lc, _ = torch.linalg.cholesky_ex(G + (1e-10 * scale)[:, None, None] * eye)
-        L[rows] = Lc
-    return L
-
-
-def _solve_pcg(side: _Side, fixed: torch.Tensor, lam: float, X0: torch.Tensor, *, iters: int,
-               tol: float, preconditioner: str, s: int, gen, Fs: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Warm-started preconditioned CG on (A^T A + lam I) x = A^T y, all rows at once: (p, k)."""
-    k = fixed.shape[1]
-    Fs = side.designs(fixed) if Fs is None else Fs
-    if not Fs:
-        return torch.zeros_like(X0)
-    if preconditioner == "sketch":
-        L = _sketch_cholesky(side, Fs, k, lam, s, gen)
-
-        def M_inv(r: torch.Tensor) -> torch.Tensor:
-            return torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
-    else:
-        diag = torch.full((side.p, k), lam, dtype=fixed.dtype)
-        for (rows, _, _, _), F in zip(side.chunks, Fs, strict=True):
-            diag[rows] += F.square().sum(1)
-        diag = diag.clamp_min(torch.finfo(fixed.dtype).tiny)
-
-        def M_inv(r: torch.Tensor) -> torch.Tensor:
-            return r / diag
-
-    def H(x: torch.Tensor) -> torch.Tensor:
-        return side.matvec(Fs, x) + lam * x
-
-    b = side.rhs(Fs)
-    X = X0.clone()
-    r = b - H(X)
-    z = M_inv(r)
-    d = z.clone()
-    rz = (r * z).sum(1)
-    tiny = torch.finfo(fixed.dtype).tiny
-    bnorm = b.norm(dim=1).clamp_min(tiny)
-    for _ in range(iters):
-        if float((r.norm(dim=1) / bnorm).max()) <= tol:
-            break
-        Hd = H(d)
-        dHd = (d * Hd).sum(1)
-        alpha = torch.where(dHd > tiny, rz / dHd.clamp_min(tiny), torch.zeros_like(rz))
-        X += alpha[:, None] * d
-        r -= alpha[:, None] * Hd
-        z = M_inv(r)
-        rz_new = (r * z).sum(1)
-        beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        d = z + beta[:, None] * d
-        rz = rz_new
-    return X
 
 
 def complete(
@@ -376,38 +199,16 @@ def complete(
     Raises:
         ValueError / TypeError: malformed entries (out-of-range indices, NaN values, length
             mismatch), bad shape/rank/options.
+
+    Length: over 80 lines only because of its 15 documented options; the body is the sweep loop
+    (~45 lines), with option checks, init and sweep statistics in their own helpers.
     """
     rows, cols, vals, m, n = _check_entries(rows, cols, values, shape, dtype)
     k = validate_rank(rank, m, n)
-    if method not in ("exact", "robust"):
-        raise ValueError(f"method must be 'exact' or 'robust', got {method!r}")
-    if preconditioner not in ("sketch", "jacobi"):
-        raise ValueError(f"preconditioner must be 'sketch' or 'jacobi', got {preconditioner!r}")
-    max_iters = validate_int(max_iters, "max_iters", minimum=1)
-    cg_iters = validate_int(cg_iters, "cg_iters", minimum=1)
-    sketch_factor = validate_int(sketch_factor, "sketch_factor", minimum=1)
-    tol = validate_fraction(tol, "tol", low=0.0, high=1.0, high_open=False)
-    if not isinstance(ridge, int | float) or not ridge >= 0 or math.isinf(ridge):
-        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
-    lam = float(ridge) * rows.numel() / (m * n)
-    if rows.numel() < (m + n) * k:
-        logger.warning(
-            "complete: %d observed entries for %d degrees of freedom ((m + n) k): the completion "
-            "is not identifiable; expect a large error (observe more entries or lower the rank)",
-            rows.numel(), (m + n) * k)
+    max_iters, cg_iters, sketch_factor, tol, lam = _check_options(
+        method, preconditioner, max_iters, cg_iters, sketch_factor, tol, ridge, rows.numel(), m, n, k)
     gen = make_generator(seed)
-
-    if isinstance(init, torch.Tensor):
-        if tuple(init.shape) != (m, k):
-            raise ValueError(f"init U must have shape ({m}, {k}), got {tuple(init.shape)}")
-        U = orthonormalize(init.to(dtype))
-    elif init == "spectral":
-        U = sparse_top_singular_vectors(rows, cols, vals, (m, n), k, seed=gen, dtype=dtype)[0]
-    elif init == "random":
-        U = orthonormalize(torch.randn(m, k, generator=gen, dtype=dtype))
-    else:
-        raise ValueError(f"init must be 'spectral', 'random' or an (m, k) tensor, got {init!r}")
-
+    U = _initial_u(init, rows, cols, vals, m, n, k, gen, dtype)
     by_col = _Side(cols, rows, vals, n, m)  # solve V: rows of V are columns of M
     by_row = _Side(rows, cols, vals, m, n)
     s = sketch_factor * k
@@ -436,21 +237,69 @@ def complete(
         U, Ru = torch.linalg.qr(U_fit)
         V = Qv @ Ru.mT  # model U_fit Qv^T = U (Qv Ru^T)^T
         # fitted values on Omega, padded per chunk (padding is 0 in both fit and y)
-        fit = [(F @ U_fit[rows].unsqueeze(-1)).squeeze(-1) for (rows, _, _, _), F in zip(by_row.chunks, Fs, strict=True)]
-        residual = math.sqrt(sum(float((f - c[3]).square().sum()) for f, c in zip(fit, by_row.chunks, strict=True))) / ynorm
-        fnorm = math.sqrt(sum(float(f.square().sum()) for f in fit))
-        change = math.inf if prev is None else math.sqrt(
-            sum(float((f - g).square().sum()) for f, g in zip(fit, prev, strict=True))) / max(fnorm, 1e-300)
+        fit = [(F @ U_fit[r].unsqueeze(-1)).squeeze(-1) for (r, _, _, _), F in zip(by_row.chunks, Fs, strict=True)]
+        residual, change = _sweep_stats(fit, prev, by_row, ynorm)
         prev = fit
         info = {"iteration": it + 1, "residual": residual, "change": change,
                 "seconds": time.perf_counter() - start, "U": U, "V": V}
         bar.set_postfix(residual=f"{residual:.2e}", change=f"{change:.1e}")
         logger.debug("complete sweep %d: residual %.3e change %.3e", it + 1, residual, change)
-        if callback is not None and callback(info):
-            break
-        if change < tol:
+        if (callback is not None and callback(info)) or change < tol:
             break
     bar.close()
     logger.info("complete (%s, rank %d): %d sweeps, residual on Omega %.3e", method, k,
                 info.get("iteration", 0), info.get("residual", float("nan")))
     return U, V
+
+
+def _check_options(method: str, preconditioner: str, max_iters: int, cg_iters: int,
+                   sketch_factor: int, tol: float, ridge: float, n_obs: int, m: int, n: int,
+                   k: int) -> tuple[int, int, int, float, float]:
+    """Validate `complete`'s options before any work; returns them normalised with the absolute
+    ridge lam = ridge |Omega| / (m n). Warns when |Omega| < (m + n) k, the degrees of freedom of
+    a rank-k (m, n) matrix, below which the completion is not identifiable."""
+    if method not in ("exact", "robust"):
+        raise ValueError(f"method must be 'exact' or 'robust', got {method!r}")
+    if preconditioner not in ("sketch", "jacobi"):
+        raise ValueError(f"preconditioner must be 'sketch' or 'jacobi', got {preconditioner!r}")
+    max_iters = validate_int(max_iters, "max_iters", minimum=1)
+    cg_iters = validate_int(cg_iters, "cg_iters", minimum=1)
+    sketch_factor = validate_int(sketch_factor, "sketch_factor", minimum=1)
+    tol = validate_fraction(tol, "tol", low=0.0, high=1.0, high_open=False)
+    if not isinstance(ridge, int | float) or not ridge >= 0 or math.isinf(ridge):
+        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
+    dof = factorized_params(m, n, k)
+    if n_obs < dof:
+        logger.warning(
+            "complete: %d observed entries for %d degrees of freedom ((m + n) k): the completion "
+            "is not identifiable; expect a large error (observe more entries or lower the rank)",
+            n_obs, dof)
+    return max_iters, cg_iters, sketch_factor, tol, float(ridge) * n_obs / (m * n)
+
+
+def _initial_u(init: str | torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               vals: torch.Tensor, m: int, n: int, k: int, gen: torch.Generator | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The orthonormal starting U (m, k): spectral (JNS13), random Gaussian, or given."""
+    if isinstance(init, torch.Tensor):
+        if tuple(init.shape) != (m, k):
+            raise ValueError(f"init U must have shape ({m}, {k}), got {tuple(init.shape)}")
+        return orthonormalize(init.to(dtype))
+    if init == "spectral":
+        return sparse_top_singular_vectors(rows, cols, vals, (m, n), k, seed=gen, dtype=dtype)[0]
+    if init == "random":
+        return orthonormalize(torch.randn(m, k, generator=gen, dtype=dtype))
+    raise ValueError(f"init must be 'spectral', 'random' or an (m, k) tensor, got {init!r}")
+
+
+def _sweep_stats(fit: list[torch.Tensor], prev: list[torch.Tensor] | None, side: _Side,
+                 ynorm: float) -> tuple[float, float]:
+    """(residual ||f - y|| / ||y||, change ||f - f_prev|| / ||f||) of the fitted values f on Omega."""
+    residual = math.sqrt(sum(float((f - c[3]).square().sum())
+                             for f, c in zip(fit, side.chunks, strict=True))) / ynorm
+    if prev is None:
+        return residual, math.inf
+    fnorm = math.sqrt(sum(float(f.square().sum()) for f in fit))
+    change = math.sqrt(sum(float((f - g).square().sum())
+                           for f, g in zip(fit, prev, strict=True))) / max(fnorm, 1e-300)
+    return residual, change

@@ -3,7 +3,7 @@
     A = P L U = (L @ U)[perm]        (P[i, perm[i]] = 1)
 
 A (m, n), k = min(m, n): L (m, k) unit lower trapezoidal, U (k, n) upper trapezoidal, perm (m,)
-int64. LoLDU (adapters.md §8) builds its adapter from L, diag(U) and the unit-diagonal rows of U;
+int64. LoLDU (Shi et al. 2024, arXiv 2410.13618) builds its adapter from L, diag(U) and the unit-diagonal rows of U;
 storing P as perm costs m integers instead of an m×m matrix. Runs in fp32 (fp64 stays fp64).
 Rank-deficient matrices factor too (LAPACK continues past a zero pivot, leaving U[i, i] = 0);
 callers that divide by the pivots must handle that.

@@ -1,6 +1,7 @@
 """One-sided projections of a gradient (or any matrix) onto a rank-r subspace.
 
-GaLore's "std" side rule (training card §0; `galore_projector.py`: `if shape[0] >= shape[1]`):
+GaLore's "std" side rule (Zhao et al. 2024, "GaLore: Memory-efficient LLM training by gradient
+low-rank projection"; official `galore_projector.py`: `if shape[0] >= shape[1]`):
 project the SMALLER dimension, so the projector is min(m, n) x r and the low-rank state is
 max(m, n) x r. For G (m, n):
 

@@ -7,7 +7,7 @@ fp32 scale. Two schemes:
 - "absmax" (symmetric, default; bitsandbytes-style): s = max|x| / qmax with qmax = 2^(bits-1) - 1
   (127 or 7), q = round(x / s) in [-qmax, qmax], x^ = s q. Deterministic rounding errs by at most
   s / 2 per element, and values already on the grid (x = s q) round-trip exactly.
-- "minmax" (asymmetric, Q-GaLore's projector and weight quantiser, training card §2):
+- "minmax" (asymmetric, Q-GaLore's projector and weight quantiser, Zhang et al. 2024):
   s = max(max - min, 1e-5) / (2^bits - 1), z = clamp(-round(min / s), 0, 2^bits - 1),
   q = clamp(round(x / s) + z, 0, 2^bits - 1), x^ = s (q - z). Stores one uint8 zero point per
   block too. Within s / 2 when the block holds both signs (min <= 0 <= max); an all-positive or

@@ -1,18 +1,18 @@
 """Rank rules and rank allocation over many matrices.
 
-Words (design rule 7): `ratio` is the fraction of PARAMETERS removed (not of rank), `keep` = 1 -
+Words (used the same way across rankwise): `ratio` is the fraction of PARAMETERS removed (not of rank), `keep` = 1 -
 ratio. A rank-r factorisation B (m, r) @ A (r, n) of an (m, n) matrix stores r (m + n) numbers
 (biases are not counted) against m n dense, so it saves parameters only when r (m + n) < m n
-(compression card §0: the break-even rank). A square matrix must lose more than half its rank
+(the break-even rank r* = floor((m n - 1) / (m + n))). A square matrix must lose more than half its rank
 before factorising saves anything; every allocator here therefore returns None ("keep dense") for
 a matrix whose rank would not save parameters, never a rank above break-even.
 
 Policies of `allocate` (all meet a total parameter budget (1 - ratio) * sum m n):
 - "uniform": the same ratio for every matrix, r = floor((1 - ratio) m n / (m + n)) (SVD-LLM,
-  LoRD; compression card §0 and §4).
+  Wang et al. 2024; LoRD, Kaushal et al. 2023).
 - "energy": one common spectral-energy level e for every matrix, r_i = the smallest rank keeping
   a fraction e of sum sigma^2, with e the largest level that fits the budget.
-- "welore": WeLore's heavy-tail rule (compression card §5): singular values are min-max
+- "welore": WeLore's heavy-tail rule (Jaiswal et al. 2024, arXiv 2407.11239): singular values are min-max
   normalised per matrix, s~ = (s - min s) / (max s - min s), one global threshold tau drops
   every s~ < tau, k = min(m, n) - #dropped. The paper looks tau up from a rank-reduction table;
   here tau is bisected to the parameter budget (the smallest tau that fits). Matrices whose k is
@@ -73,7 +73,7 @@ def _uniform_rank(m: int, n: int, keep: Fraction) -> int:
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     """r = floor((1 - ratio) m n / (m + n)): the rank that removes `ratio` of an (m, n) matrix's
-    parameters (compression card §0; LLaMA 4096 x 4096 at ratio 0.2 -> 1638).
+    parameters (r (m + n) <= (1 - ratio) m n; LLaMA 4096 x 4096 at ratio 0.2 -> 1638).
 
     Raises:
         ValueError: ratio outside [0, 1), or so high that the rank would be 0.
@@ -258,8 +258,9 @@ def allocate(
 
 
 def _capped_cost(shape: tuple[int, int], rank: int) -> int:
+    """Stored parameters at `rank`, or dense when that rank would not save any."""
     m, n = shape
-    return rank * (m + n) if rank <= break_even_rank(m, n) else m * n
+    return factorized_params(m, n, rank if rank <= break_even_rank(m, n) else None)
 
 
 def _check_spectra(

@@ -1,6 +1,7 @@
 """Row sampling by leverage scores and l_p Lewis weights; sampled regression; token selection.
 
-Compression card §15 (Woodruff & Yasuda, "Sharper Bounds for l_p Sensitivity Sampling", ICML'23).
+Woodruff & Yasuda 2023, "Sharper Bounds for l_p Sensitivity Sampling" (ICML); Lewis weights as
+in Cohen & Peng 2015, "l_p Row Sampling by Lewis Weights" (STOC).
 For A (n, d) with rows a_i:
 - l2 leverage  tau_i = a_i^T (A^T A)^+ a_i = ||Q_i||^2 (Q from a thin QR/SVD); sum tau = rank(A).
   Ridge leverage tau_i(lam) = a_i^T (A^T A + lam I)^{-1} a_i (sum < d) handles d > n or a
@@ -9,7 +10,7 @@ For A (n, d) with rows a_i:
   computed by the Cohen-Peng iteration w <- (tau_i(W^{1/2-1/p} A) w_i^{2/p-1})^{p/2}, a
   contraction for p < 4. For p <= 2 they upper-bound the l_p sensitivities
   s_i = sup_x |a_i^T x|^p / ||A x||_p^p; for p = 2 they equal the leverage scores.
-- Sampling: inclusion probabilities q_i = min(1, c s_i) with c set so that sum q = m (the card's
+- Sampling: inclusion probabilities q_i = min(1, c s_i) with c set so that sum q = m (the usual
   min(1, m s_i / sum s) raised by water-filling, so the expected sample size is exactly m); keep
   row i with probability q_i (Bernoulli) or draw exactly m rows with these inclusion
   probabilities (systematic sampling, Madow 1949), and rescale kept rows by q_i^{-1/p}, so that
@@ -18,8 +19,8 @@ For A (n, d) with rows a_i:
 - Fast leverage (Drineas, Magdon-Ismail, Mahoney, Woodruff 2012): R from QR of a CountSketch
   Pi A (s x d), then tau_i ~= ||(A R^{-1} G)_i||^2 with a d x t Gaussian G: O(nnz(A) + n d t + s d^2).
 
-Token selection for calibration (`select_calibration_tokens`): a whitened compressor (SVD-LLM,
-EoRA; compression cards 4, 7) sees its calibration activations X (N, d) only through the Gram
+Token selection for calibration (`select_calibration_tokens`): a whitened compressor (SVD-LLM, Wang
+et al. 2024; EoRA, Liu et al. 2024) sees its calibration activations X (N, d) only through the Gram
 X^T X, and a leverage sample gives a spectral approximation of that Gram, (1 +- eps) X^T X, with
 O(d log d / eps^2) tokens, where uniform sampling needs N max_i tau_i times more (the coherence):
 activations with a few massive-outlier tokens are exactly the coherent case.

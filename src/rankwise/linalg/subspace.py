@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import torch
 
+from rankwise.linalg.random import make_generator
 from rankwise.linalg.svd import default_oversample, orthonormalize
 from rankwise.linalg.whiten import eigh
 
 
 def _gaussian(n: int, k: int, seed: int, like: torch.Tensor) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = make_generator(int(seed))
     return torch.randn(k, n, generator=gen, dtype=torch.float32).to(like)
 
 

@@ -1,6 +1,6 @@
 """Singular value decompositions: exact, truncated and randomized (Halko, Martinsson, Tropp 2011).
 
-Dtype policy (design rule 5): every function here computes in fp32 at least. float16/bfloat16
+Dtype policy (`rankwise.linalg.compute_dtype`): every function here computes in fp32 at least. float16/bfloat16
 inputs are upcast to fp32, fp32 stays fp32, fp64 stays fp64, and the results are returned in that
 *compute* dtype; callers cast factors back to the model dtype themselves (so that a bf16 weight
 is never factorised in bf16 by accident).
@@ -20,7 +20,7 @@ columns. Two implementation choices make it faster than torch.svd_lowrank at the
   factor, 2-3.5x cheaper than LAPACK's SVD of B itself at l >= 64.
 
 Defaults (chosen with the defaults study of benchmarks/linalg.py, 2048 x 2048, fp32):
-- power_iters = 2 (HMT; the method card's suggestion): q = 1 leaves 3.5-8x more excess error
+- power_iters = 2 (HMT's recommendation for slowly decaying spectra): q = 1 leaves 3.5-8x more excess error
   over the optimal rank-r error; q = 3 cuts it 2-6x more but costs 25-35 % more time.
 - oversample = max(10, ceil(rank / 8)): with a fixed p = 10 the excess error grows with the rank
   (the HMT bound scales with rank / (p - 1)) and passes 1 % near rank 128-256; p = rank / 8 keeps
@@ -43,6 +43,7 @@ from rankwise.linalg._checks import (
     validate_matrix,
     validate_rank,
 )
+from rankwise.linalg.random import Seed, make_generator
 
 __all__ = [
     "default_oversample",
@@ -55,8 +56,6 @@ __all__ = [
     "svdvals",
     "truncated_svd",
 ]
-
-Seed = int | torch.Generator | None
 
 
 def svd(A: torch.Tensor, full_matrices: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,16 +94,6 @@ def truncated_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def default_oversample(rank: int) -> int:
     """The default oversampling p of randomized_svd: max(10, ceil(rank / 8)) (see module doc)."""
     return max(10, math.ceil(rank / 8))
-
-
-def make_generator(seed: Seed, device: torch.device | str | None = None) -> torch.Generator | None:
-    """A torch.Generator from a seed: None -> None (global RNG), int -> new generator on `device`."""
-    if seed is None or isinstance(seed, torch.Generator):
-        return seed
-    seed = validate_int(seed, "seed", minimum=0)
-    gen = torch.Generator(device=device if device is not None else "cpu")
-    gen.manual_seed(seed)
-    return gen
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -195,7 +184,7 @@ def split_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors B = U diag(sqrt S) (..., m, r) and A = diag(sqrt S) Vh (..., r, n).
 
-    B @ A == U diag(S) Vh. This is the storage form of the reference code (compression card §0):
+    B @ A == U diag(S) Vh. This is the storage form of the SVD-LLM and ASVD reference code:
     A is applied first, B second, and both carry the same scale.
     """
     if U.ndim < 2 or Vh.ndim < 2 or S.ndim < 1:

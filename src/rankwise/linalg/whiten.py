@@ -1,9 +1,10 @@
 """Symmetric factorisations for whitening: Cholesky with jitter, eigh, and the two whiteners.
 
-All of it runs in fp64 (design rule 5) and returns fp64: Grams of activations are badly
+All of it runs in fp64 (the dtype policy of rankwise.linalg) and returns fp64: Grams of activations are badly
 conditioned and the triangular inverse amplifies fp32 rounding. Callers cast the final factors.
 
-SVD-LLM usage (compression card §4, Wang et al.): accumulate G = X X^T (n, n) over calibration
+SVD-LLM usage (Wang et al. 2024, "SVD-LLM: Truncation-aware singular value decomposition for
+large language model compression"): accumulate G = X X^T (n, n) over calibration
 inputs X (n, N) of a linear W (m, n); factor G = L L^T (L = cholesky_whitener(G), lower); take the
 SVD of W L = U S V^T; truncate to rank r; the compressed weight is W' = U_r S_r V_r^T L^{-1}, stored
 as B = U_r S_r^{1/2} (m, r) and A = S_r^{1/2} V_r^T L^{-1} (r, n) (use inverse_lower(L)). Because

@@ -14,10 +14,10 @@ prefix of finished stages whose settings (`ShrinkConfig.stage_fingerprint`) stil
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+from rankwise.io import remove_dir
 from rankwise.pipeline.config import STAGES, ShrinkConfig
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class PipelineState:
     """The finished stages of one run in `out`, and where their models live."""
 
     def __init__(self, out: str | Path, config: ShrinkConfig, *, resume: bool) -> None:
-        from rankwise.io import read_json
+        from rankwise.io import read_json, recover, recover_all
 
         self.out = Path(out)
         self.root = self.out / STATE_DIR
@@ -45,14 +45,17 @@ class PipelineState:
         self.stages: dict[str, dict[str, Any]] = {}
         self.extra: dict[str, Any] = {}
         self.reused: list[str] = []
+        recover(self.out)  # an export killed between its renames moved this state away with it
+        recover_all(self.root)  # stage directories a killed save left half-published
         if not resume:
-            if self.root.exists():
-                shutil.rmtree(self.root)
+            remove_dir(self.root)  # renamed away first: no half-deleted state is ever read
             return
         if not self.path.is_file():
             logger.info("no pipeline state in %s: starting from the first stage", self.out)
             return
         data = read_json(self.path)
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            raise ValueError(f"{self.path} is malformed (not a pipeline state): delete {self.root} or run without resume")
         if data.get("format") != _FORMAT:
             raise ValueError(f"{self.path} has format {data.get('format')!r}, this rankwise writes {_FORMAT}: "
                              "delete the directory or choose another out")
@@ -114,7 +117,7 @@ class PipelineState:
         for stage in STAGES:
             d = self.model_dir(stage)
             if d.is_dir():
-                shutil.rmtree(d)
+                remove_dir(d)
             if stage in self.stages:
                 self.stages[stage]["has_model"] = False
         self._write()

@@ -12,9 +12,16 @@ A checkpoint is one directory `OUT/checkpoints/step-000120/`:
 Nothing is pickled and nothing is read with torch.load: the structure is JSON in which a tensor
 is the placeholder {"__tensor__": name}, a tuple {"__tuple__": [...]} and a dict with non-string
 keys (the optimizer's int parameter ids) {"__items__": [[key, value], ...]}, so
-`unflatten_state(*flatten_state(x))` rebuilds `x` with the same types. The directory is written
-under a temporary name and renamed into place, so a crash never leaves a half checkpoint that
-`latest_checkpoint` would pick up; older checkpoints beyond `keep` are removed afterwards.
+`unflatten_state(*flatten_state(x))` rebuilds `x` with the same types.
+
+    manifest.json       written last: SHA-256 and size of every other file (state.json included,
+                        so a changed step or config is caught), checked by read_checkpoint_meta
+
+The directory is built under a temporary name and published by one rename
+(rankwise.io.publish_dir), so a crash never leaves a half checkpoint that `latest_checkpoint`
+would pick up. Older checkpoints beyond `keep` are renamed away before they are deleted, and
+`checkpoint_dirs` only counts a directory whose manifest lists files that are all there, so an
+interrupted deletion never passes for a complete checkpoint: `--resume` takes the previous one.
 
 `load_checkpoint` refuses a checkpoint written by another method or another configuration
 (run-control fields such as `out` or `save_every` excepted) with a ValueError saying what
@@ -28,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,29 +42,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.io import default_mode, load_tensors, read_json, save_tensors, write_json
+from rankwise.io import (
+    digest_files,
+    load_tensors,
+    publish_dir,
+    read_json,
+    recover_all,
+    remove_dir,
+    save_tensors,
+    verify_files,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMAT",
-    "checkpoint_dirs",
-    "export_dense",
-    "flatten_state",
-    "get_rng_state",
-    "checkpoint_to_resume",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "read_checkpoint_meta",
-    "save_checkpoint",
-    "set_rng_state",
-    "unflatten_state",
-    "write_checkpoint_dir",
+    "FORMAT", "checkpoint_dirs", "export_dense", "flatten_state", "get_rng_state",
+    "checkpoint_to_resume", "latest_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+    "save_checkpoint", "set_rng_state", "unflatten_state", "write_checkpoint_dir"
 ]
 
 FORMAT = "rankwise.pretrain-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+_verified: dict[str, tuple[Any, ...]] = {}  # path -> file stats at the last full check
 
 
 # ----------------------------------------------------------------------------- structure <-> JSON
@@ -136,16 +144,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- paths
 def checkpoint_dirs(out: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """[(step, directory)] of the complete checkpoints under `out`/checkpoints, oldest first."""
+    """[(step, directory)] of the complete checkpoints under `out`/checkpoints, oldest first.
+
+    Complete: its manifest is readable and every file it lists is there (a directory from before
+    manifests: its state.json is there). Bytes are checked when it is read (read_checkpoint_meta).
+    """
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / "state.json").is_file():
-            found.append((int(match.group(1)), child))
+    recover_all(root)  # a re-save of a step killed between its renames: put the old copy back
+    found = [(int(m.group(1)), c) for c in root.iterdir() if (m := _STEP_DIR.match(c.name)) and _complete(c)]
     return sorted(found)
+
+
+def _complete(path: Path) -> bool:
+    if not (path / MANIFEST).is_file():
+        return (path / "state.json").is_file()  # written before manifests existed
+    try:
+        missing = [f for f in read_json(path / MANIFEST)["files"] if not (path / f).is_file()]
+    except (ValueError, OSError, KeyError, TypeError):
+        missing = ["manifest.json (unreadable)"]
+    if missing:
+        logger.warning("skipping incomplete checkpoint %s (%s is missing)", path, missing[0])
+    return not missing
 
 
 def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
@@ -175,14 +196,35 @@ def checkpoint_to_resume(out: str | os.PathLike[str] | None, resume: bool, *, re
 def read_checkpoint_meta(
     path: str | os.PathLike[str], *, fmt: str = FORMAT, version: int = VERSION, kind: str = "pretraining"
 ) -> dict[str, Any]:
-    """state.json of a checkpoint directory, checked for format `fmt` and `version`."""
-    meta = read_json(Path(path) / "state.json")
+    """state.json of a checkpoint directory, checked for format `fmt` and `version`, after every
+    file's checksum is checked against the manifest (a changed byte raises ValueError naming it)."""
+    path = Path(path)
+    _verify(path)
+    meta = read_json(path / "state.json")
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise ValueError(f"{path} is not a rankwise {kind} checkpoint (no {fmt} marker)")
     if meta.get("version") != version:
         raise ValueError(f"{path} has checkpoint version {meta.get('version')}, this rankwise "
                          f"reads version {version}: resume with the rankwise that wrote it")
+    if not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool) or meta["step"] < 0:
+        raise ValueError(f"{path}/state.json has step {meta.get('step')!r}, not an int >= 0: the file is corrupt")
     return meta
+
+
+def _verify(path: Path) -> None:
+    """Full checksum check (once per process while the files are unchanged; none before manifests)."""
+    if not (path / MANIFEST).is_file():
+        return
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if _verified.get(str(path)) == stats:
+        return
+    manifest = read_json(path / MANIFEST)
+    try:
+        verify_files(path, manifest.get("files") if isinstance(manifest, dict) else None, marker=MANIFEST)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (checkpoint {path}: delete it to resume from the previous one)") from None
+    _verified[str(path)] = stats
 
 
 # ----------------------------------------------------------------------------- save
@@ -242,20 +284,18 @@ def write_checkpoint_dir(
     """
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    recover_all(root)  # what a killed save or deletion left behind
     final = root / f"step-{int(step):06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    tmp.chmod(default_mode(directory=True))
-    try:
+
+    def verify(tmp: Path) -> None:
+        verify_files(tmp, read_json(tmp / MANIFEST)["files"], marker=MANIFEST, full=False)
+
+    with publish_dir(final, merge=False, verify=verify) as tmp:
         fill(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / MANIFEST, {"format": "rankwise-manifest", "files": digest_files(tmp)})
     for _, old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
+        remove_dir(old)  # renamed away first: never half a checkpoint under a step name
+    for stale in root.glob(".tmp-step-*"):  # temporaries of rankwise versions before publish_dir
         shutil.rmtree(stale, ignore_errors=True)
     logger.info("saved checkpoint %s", final)
     return final
@@ -348,20 +388,10 @@ def export_dense(
     if adapter_layers(model):
         merge_and_unload(model)
     to_dense_(model)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=directory.parent))
-    tmp.chmod(default_mode(directory=True))
-    try:
+    with publish_dir(directory, merge=False) as tmp:
         model.save_pretrained(tmp)
         if vocab_map is not None:
             save_tensors(tmp / "vocab_map.safetensors", {"vocab_map": vocab_map})
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)

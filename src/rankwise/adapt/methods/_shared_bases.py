@@ -1,6 +1,6 @@
 """Random bases shared by every layer of a model, rebuilt from a seed instead of being saved.
 
-VeRA and RandLoRA (adapters.md §6, §7) use one pair of frozen random matrices for all adapted
+VeRA (Kopiczko et al. 2024) and RandLoRA (Albert et al. 2025) use one pair of frozen random matrices for all adapted
 layers, allocated for the largest shapes and sliced per layer. Those matrices are *regenerable*:
 a CPU ``torch.Generator`` seeded with the config's ``projection_prng_key`` draws them in fp32,
 so the same key and shapes give bit-identical tensors on any machine, and a saved adapter holds
@@ -17,6 +17,8 @@ import weakref
 from collections.abc import Callable, Hashable
 
 import torch
+
+from rankwise.linalg import make_generator
 
 _CACHE: weakref.WeakValueDictionary[Hashable, torch.Tensor] = weakref.WeakValueDictionary()
 
@@ -50,4 +52,4 @@ def check_saved_shape(extra: dict, name: str, method: str) -> tuple[int, ...]:
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with `seed` (never the global RNG)."""
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+    return make_generator(int(seed))

@@ -1,5 +1,5 @@
 """AdaLoRA: SVD-form LoRA whose rank budget is allocated by importance during training (Zhang et
-al., ICLR 2023, arXiv 2303.10512; adapters.md §12).
+al., ICLR 2023, arXiv 2303.10512).
 
     y = W x + b + c · P diag(Λ) Q dropout(x),   c = α / (N + 1e-5)
 
@@ -122,7 +122,9 @@ def budget_schedule(step: int, *, total: int, tinit: int, tfinal: int, init_budg
     return int((init_budget - target_budget) * frac**3 + target_budget)
 
 
-@register_method("adalora")
+@register_method(
+    "adalora", summary="AdaLoRA (Zhang et al. 2023): SVD-form LoRA, rank budget reallocated by importance"
+)
 class AdaLoRA(AdapterMethod):
     """P diag(Λ) Q update with importance-driven masking of the triplets (P_i, Λ_i, Q_i)."""
 

@@ -1,4 +1,4 @@
-"""ALLoRA: LoRA with a norm-scaled adaptive learning rate (arXiv 2410.09692; adapters.md §15).
+"""ALLoRA: LoRA with a norm-scaled adaptive learning rate (arXiv 2410.09692).
 
     y = W x + b + B A x          (no α scale and no dropout: the paper removes both)
 
@@ -15,7 +15,7 @@ holds the scaled gradient with any optimizer or loop, under gradient accumulatio
 not change between micro-batches), with no optimizer hook to attach. Since c depends on θ only,
 scaling each sample's gradient equals scaling their sum ("per-sample" in the abstract).
 
-Choices (card UNCONFIRMED; no official code found): c as above; the norm is taken per row of A
+Choices (not fixed by the paper; no official code found): c as above; the norm is taken per row of A
 (each of the r rows, over in) and per row of B (each of the out rows, over r) with
 ``granularity="row"`` (default), or over each whole matrix with ``"matrix"``; η = 1 by default.
 """
@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.linalg import kaiming_uniform
 
 
 def allora_coefficient(norm: torch.Tensor, eta: float) -> torch.Tensor:
@@ -85,7 +86,9 @@ class ALLoRAConfig(MethodConfig):
             raise ValueError(f"granularity must be 'row' or 'matrix', got {self.granularity!r}")
 
 
-@register_method("allora")
+@register_method(
+    "allora", summary="ALLoRA (Huang & Balestriero 2024): LoRA with a norm-scaled adaptive learning rate"
+)
 class ALLoRA(AdapterMethod):
     """A (r, in), B (out, r) trainable, unscaled; gradients scaled by c(‖θ‖)."""
 
@@ -104,9 +107,8 @@ class ALLoRA(AdapterMethod):
 
     def initialize(self, ctx: InitContext) -> None:
         """LoRA's init: A ~ U(−1/√in, 1/√in) (kaiming_uniform, a=√5), B = 0."""
-        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.A.copy_((torch.rand(self.A.shape, generator=ctx.generator) * 2 - 1) * bound)
+            self.A.copy_(kaiming_uniform(self.A.shape, self.in_features, ctx.generator))
             self.B.zero_()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Block-LoRA: one shared down-projection, n up-projection blocks ("One Head Eight Arms",
-Zhou et al., arXiv 2501.16720; adapters.md §17).
+Zhou et al., arXiv 2501.16720).
 
     B = [B_1 … B_n]  (each out × r/n),   A_i = A_s (r/n × in) for every block
     ΔW = s · Σ_i B_i A_s = s · (Σ_i B_i) A_s,     y = W x + b + s · (Σ_i B_i)(A_s dropout(x))
@@ -8,7 +8,7 @@ So the forward computes A_s x once and replaces n matmuls by a sum of the B_i (t
 "matrix multiplications replaced by additions"). Trainable: A_s and the n blocks B_i, stored as
 one tensor (n, out, r/n): ``out·r + (r/n)·in`` parameters per layer.
 
-Choices (card UNCONFIRMED: no official code found; the main reading of the abstract is used,
+Choices (not fixed by the paper: no official code found; the main reading of the abstract is used,
 i.e. the split runs along the rank, not along the input):
 
 * scale s = α/r with r the *total* rank (as LoRA of rank r, so ΔW has LoRA's scale when n = 1);
@@ -23,7 +23,6 @@ whose B is Σ B_i (it moves n× faster than one block).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,15 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_integer,
+    check_probability,
+    register_method,
+)
+from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,15 +60,13 @@ class BlockLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         n = self.n_blocks
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n_blocks must be an integer >= 1, got {n!r}")
+        check_integer("n_blocks", n, minimum=1)
         if self.rank % n:
             raise ValueError(
                 f"rank {self.rank} is not divisible by n_blocks {n}: each block has rank r/n; "
                 f"choose rank = {n * max(1, self.rank // n)}"
             )
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
 
     @property
@@ -70,7 +75,9 @@ class BlockLoRAConfig(MethodConfig):
         return self.rank // self.n_blocks
 
 
-@register_method("block_lora")
+@register_method(
+    "block_lora", summary="Block-LoRA: one shared down-projection, n up-projection blocks"
+)
 class BlockLoRA(AdapterMethod):
     """Shared A_s (r/n, in) and blocks B (n, out, r/n), all trainable."""
 
@@ -92,9 +99,8 @@ class BlockLoRA(AdapterMethod):
 
     def initialize(self, ctx: InitContext) -> None:
         """A_s kaiming-uniform (bound 1/√in, as PEFT's LoRA A), every B_i = 0."""
-        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.A.copy_((torch.rand(self.A.shape, generator=ctx.generator) * 2 - 1) * bound)
+            self.A.copy_(kaiming_uniform(self.A.shape, self.in_features, ctx.generator))
             self.B.zero_()
 
     def summed_B(self) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """DyLoRA: one LoRA trained for every rank b ≤ r_max at once (Valipour et al., EACL 2023,
-arXiv 2210.07558; adapters.md §13).
+arXiv 2210.07558).
 
     y = W x + b_W + (α/b) · B[:, :b] A[:b] dropout(x)
 
@@ -13,7 +13,7 @@ In the default ``update="frozen"`` mode only row b of A and column b of B receiv
 Inference: any 1 ≤ b ≤ rank (`set_rank`, default rank), scale α/b, no retraining; merge uses
 the current b and remembers it, so unmerge is exact even if the rank is changed in between.
 
-Choices (card UNCONFIRMED; the official code was not available): ``"frozen"`` is the default
+Choices (not fixed by the paper; the official code was not available): ``"frozen"`` is the default
 mode (the paper's Algorithm 1 updates only the b-th row/column); α defaults to LoRA's 8 with
 scale α/b (α/√b with ``use_rslora``); the rank of each step is drawn from a CPU generator
 seeded with (``seed``, step), never from the global RNG, identically for every layer.
@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, register_method
+from rankwise.adapt.method import AdapterMethod, check_integer, register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -59,17 +60,18 @@ class DyLoRAConfig(LoRAConfig):
                              f"got {self.min_rank!r}")
         if self.update not in ("frozen", "full"):
             raise ValueError(f"update must be 'frozen' or 'full', got {self.update!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        check_integer("seed", self.seed)
 
 
 def sample_rank(config: DyLoRAConfig, step: int) -> int:
     """The training rank b of optimizer step `step`, uniform on {min_rank .. rank}."""
-    gen = torch.Generator(device="cpu").manual_seed((config.seed * 1_000_003 + step) % (2**63))
+    gen = make_generator((config.seed * 1_000_003 + step) % (2**63))
     return int(torch.randint(config.min_rank, config.rank + 1, (1,), generator=gen))
 
 
-@register_method("dylora")
+@register_method(
+    "dylora", summary="DyLoRA (Valipour et al. 2023): one LoRA trained for every rank b <= r at once"
+)
 class DyLoRA(LoRABase):
     """LoRA whose first b ranks form a rank-b adapter for every b (scale α/b)."""
 

@@ -1,4 +1,4 @@
-"""EVA: Explained Variance Adaptation (Paischer et al., arXiv 2410.07170; adapters.md §18).
+"""EVA: Explained Variance Adaptation (Paischer et al., arXiv 2410.07170).
 
 A LoRA whose A rows are the principal directions of the layer's *input activations*, B = 0,
 with the ranks redistributed across layers by explained variance:
@@ -43,7 +43,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import MethodConfig, check_probability, register_method
+from rankwise.adapt.method import MethodConfig, check_alpha, check_probability, register_method
 from rankwise.adapt.methods.lora import LoRABase
 
 
@@ -69,8 +69,7 @@ class EVAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
         if not isinstance(self.rho, int | float) or not math.isfinite(self.rho) or self.rho < 1:
             raise ValueError(f"rho must be a number >= 1 (1 = uniform ranks), got {self.rho!r}")
@@ -157,7 +156,9 @@ def eva_allocation(stats: dict[str, Any], shapes: dict[str, tuple[int, int]], ra
     return EVAAllocation(ranks, comps, svals, ratios)
 
 
-@register_method("eva")
+@register_method(
+    "eva", summary="EVA (Paischer et al. 2024): LoRA initialised from activation PCA, data-driven ranks"
+)
 class EVA(LoRABase):
     """LoRA initialised from activation PCA with data-driven per-layer ranks (needs data=)."""
 

@@ -1,5 +1,5 @@
 """FLoRA: a low-rank Tucker update that keeps the N-d structure of a weight (Si, Wang et al.,
-"FLoRA: Low-Rank Core Space for N-dimension", arXiv 2405.14739; adapters.md §22).
+"FLoRA: Low-Rank Core Space for N-dimension", arXiv 2405.14739).
 
     ΔW = scale · G ×₁ U⁽¹⁾ ×₂ U⁽²⁾ … ×_N U⁽ᴺ⁾,    dims ordered [d_in, d_out, k₁, k₂, …]
 
@@ -33,7 +33,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_integer,
+    check_probability,
+    register_method,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,10 +62,8 @@ class FLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         k = self.kernel_rank
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"kernel_rank must be an integer >= 1, got {k!r}")
-        if not isinstance(self.scale, int | float) or not math.isfinite(self.scale) or self.scale == 0:
-            raise ValueError(f"scale must be a finite nonzero number, got {self.scale!r}")
+        check_integer("kernel_rank", k, minimum=1)
+        check_alpha(self.scale, "scale")
         check_probability("dropout", self.dropout)
 
 
@@ -66,12 +71,15 @@ def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Ten
     """G ×₁ U⁽¹⁾ … ×_N U⁽ᴺ⁾: the full tensor (d₁, …, d_N) of a Tucker decomposition."""
     out = core
     for mode, U in enumerate(factors):
-        # mode product: contract axis `mode` of `out` with the columns of U (d_n, r_n)
-        out = torch.movedim(torch.tensordot(out, U, dims=([mode], [1])), -1, mode)
+        # mode product: contract axis `mode` of `out` with the columns of U (d_n, r_n); U in
+        # out's dtype, which autocast lowers after the first product (tensordot needs one dtype)
+        out = torch.movedim(torch.tensordot(out, U.to(out.dtype), dims=([mode], [1])), -1, mode)
     return out
 
 
-@register_method("flora")
+@register_method(
+    "flora", summary="FLoRA (Si et al. 2024): low-rank Tucker update keeping a weight's N-d structure"
+)
 class FLoRA(AdapterMethod):
     """Trainable Tucker core G and factors U⁽ⁿ⁾ (``U_0`` … ``U_{N-1}``, dims [in, out, k…])."""
 

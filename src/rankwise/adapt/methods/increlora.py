@@ -1,5 +1,5 @@
 """IncreLoRA: AdaLoRA's SVD-form adapter whose rank *grows* during training, by importance
-(Zhang et al. 2023, arXiv 2308.12043; adapters.md §14).
+(Zhang et al. 2023, arXiv 2308.12043).
 
     ΔW = [B_1 … B_m B_res] · ([A_1; …; A_m; A_res] ⊙ [E_1; …; E_m; E_res]) · α / (N + 1e-5)
 
@@ -53,6 +53,7 @@ from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
 from rankwise.adapt.methods.adalora import _check_beta
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -118,7 +119,9 @@ class IncreLoRAConfig(MethodConfig):
         return self.add_rank if self.add_rank is not None else ADD_RANK[self.target_rank]
 
 
-@register_method("increlora")
+@register_method(
+    "increlora", summary="IncreLoRA (Zhang et al. 2023): SVD-form LoRA whose rank grows by importance"
+)
 class IncreLoRA(AdapterMethod):
     """SVD-form adapter stored as blocks that grow by `add_rank` ranks at importance events."""
 
@@ -238,7 +241,7 @@ class IncreLoRA(AdapterMethod):
                 for e in self.E:
                     e.mul_(ratio)
             self.growths += 1
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.growths) % 2**62)
+            gen = make_generator((self.seed * 1_000_003 + self.growths) % 2**62)
             if cfg.advance_learn:
                 self.A_res = self._new(*self.A_res.shape)
                 self.B_res = self._new(*self.B_res.shape)

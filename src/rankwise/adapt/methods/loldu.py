@@ -1,4 +1,4 @@
-"""LoLDU: train the diagonal of an LDU factorisation of W (arXiv 2410.13618; adapters.md §8).
+"""LoLDU: train the diagonal of an LDU factorisation of W (arXiv 2410.13618).
 
     W = P L U (partial pivoting),   D = diag(U),   Ũ = D⁻¹ U (unit diagonal)
     W_res = W − σ · P L_r diag(z₀) Ũ_r,   W_eff = W_res + σ · P L_r diag(z) Ũ_r,   y = W_eff x + b
@@ -9,7 +9,7 @@ with L_r = L[:, :r] (out, r), Ũ_r = Ũ[:r] (r, in), z₀ = D[:r] and σ = α/r 
 W_eff = W at init. The stored base weight is W_res (PiSSA-style); P is kept as a permutation
 index vector (`rankwise.linalg.lu`), not as the official dense out×out matrix.
 
-Robustness (card test 4): the LU runs in fp32 and is redone in fp64 when a kept pivot is zero
+Robustness (tested on rank-deficient and ill-conditioned W): the LU runs in fp32 and is redone in fp64 when a kept pivot is zero
 or Ũ_r would overflow; a pivot that is still exactly zero (a rank-deficient leading block)
 keeps its row of U unnormalised with z₀_i = 1, so P L_r diag(z₀) Ũ_r is unchanged and every
 tensor stays finite (that row of Ũ_r then lacks the unit diagonal).
@@ -18,7 +18,6 @@ tensor stays finite (that row of Ũ_r then lacks the unit diagonal).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_alpha, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,7 @@ class LoLDUConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
 
 
 def ldu_factors(weight: torch.Tensor, rank: int, dtype: torch.dtype
@@ -75,7 +73,9 @@ def ldu_factors(weight: torch.Tensor, rank: int, dtype: torch.dtype
     return perm, L[:, :rank].to(dtype), unit, d.to(dtype)
 
 
-@register_method("loldu")
+@register_method(
+    "loldu", summary="LoLDU (Shi et al. 2024): train the diagonal of an LDU factorisation of W"
+)
 class LoLDU(AdapterMethod):
     """Trainable diagonal z (r,) between frozen P, L_r and unit-diagonal Ũ_r; residual base."""
 

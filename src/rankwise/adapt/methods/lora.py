@@ -2,7 +2,7 @@
 
     y = W x + b + s · B A dropout(x),   A (r, in), B (out, r),   s = α/r  (rsLoRA: α/√r)
 
-Init as PEFT's ``init_lora_weights=True`` (adapters.md §1): A ~ kaiming_uniform(a=√5), i.e.
+Init as PEFT's ``init_lora_weights=True``: A ~ kaiming_uniform(a=√5), i.e.
 U(−1/√in, 1/√in), B = 0, so the adapted model equals the base at init; ``init="gaussian"``
 draws A ~ N(0, 1/r) (PEFT's std 1/r). Embedding layers are the other way round (A = 0,
 B ~ N(0, 1)), as PEFT. Draws use the layer's seeded generator, never the global RNG.
@@ -13,7 +13,6 @@ Defaults are PEFT's LoraConfig: r = 8, α = 8, dropout 0.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_probability,
+    register_method,
+)
+from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +49,7 @@ class LoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
@@ -84,9 +89,7 @@ class LoRABase(AdapterMethod):
             if self.config.init == "gaussian":
                 a = torch.randn(r, n_in, generator=gen) / r
             else:
-                # kaiming_uniform(a=√5) on an (r, in) weight: bound = 1/√in
-                bound = 1.0 / math.sqrt(n_in)
-                a = (torch.rand(r, n_in, generator=gen) * 2 - 1) * bound
+                a = kaiming_uniform((r, n_in), n_in, gen)  # kaiming_uniform_(a=√5) on (r, in)
             self.A.copy_(a)
             self.B.zero_()
 
@@ -104,11 +107,14 @@ class LoRABase(AdapterMethod):
         return base_out + self.lora_branch(x, geo).to(base_out.dtype)
 
 
-@register_method("lora")
+@register_method(
+    "lora", summary="LoRA (Hu et al. 2021): trainable low-rank update B A scaled by alpha/r"
+)
 class LoRA(LoRABase):
     """Low-rank adaptation; the ``rslora`` preset sets ``use_rslora=True``."""
 
     config_cls = LoRAConfig
 
 
-register_method("rslora", LoRA, use_rslora=True)
+register_method("rslora", LoRA, summary="LoRA scaled by α/√r instead of α/r (rsLoRA, Kalajdzievski 2023)",
+                use_rslora=True)

@@ -1,5 +1,5 @@
 """LoRA-GGPO: LoRA trained under a gradient-guided random weight perturbation (Chang et al.,
-arXiv 2502.14538 v1; adapters.md §20).
+arXiv 2502.14538 v1).
 
     inference:  y = W x + b + s · B A x                         (plain LoRA, s = α/r)
     training:   y = (W + s·BA + ε) x + b,   ε_i,: ~ N(0, σ_i² I),
@@ -17,8 +17,8 @@ rule (after each optimizer step, `rankwise.adapt.attach_rules`; training without
 keeps its row norms for the next step's σ and drops ε. Costs one dense (out × in) matmul per
 forward and per backward, and two (out × in) tensors per layer while training.
 
-Choices (card UNCONFIRMED; the official code github.com/llm172/LoRA-GGPO was not available):
-the formula above (the card's reading, Flat-LoRA-style row scaling), ρ = 0.05, a = 0.5,
+Choices (not fixed by the paper; the official code github.com/llm172/LoRA-GGPO was not
+available): the formula above (our reading, Flat-LoRA-style row scaling), ρ = 0.05, a = 0.5,
 perturbation of the merged weight (not of A/B), no perturbation in eval mode or without grad.
 Params/layer and merge: LoRA's (the perturbation is never merged).
 """
@@ -35,6 +35,7 @@ from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -66,7 +67,9 @@ def perturbation_std(weight_rows: torch.Tensor, grad_rows: torch.Tensor, rho: fl
     return rho * (mix * weight_rows + (1.0 - mix) * grad_rows) / math.sqrt(in_features)
 
 
-@register_method("lora_ggpo")
+@register_method(
+    "lora_ggpo", summary="LoRA-GGPO (Chang et al. 2025): LoRA under a gradient-guided weight perturbation"
+)
 class LoRAGGPO(LoRABase):
     """LoRA with a per-step random perturbation of the merged weight while training."""
 
@@ -107,8 +110,7 @@ class LoRAGGPO(LoRABase):
     def draw(self, weight: torch.Tensor) -> torch.Tensor:
         """ε (out, in) of the current step: row i ~ N(0, σ_i² I), seeded by (seed, step); the step
         is `rule_steps` (optimizer steps run, restored on resume)."""
-        gen = torch.Generator(device="cpu").manual_seed(
-            (self.noise_seed * 1_000_003 + self.rule_steps) % (2**63 - 1))
+        gen = make_generator((self.noise_seed * 1_000_003 + self.rule_steps) % (2**63 - 1))
         noise = torch.randn(self.out_features, self.in_features, generator=gen,
                             dtype=torch.float64).to(device=self.A.device, dtype=self.A.dtype)
         return noise * self.row_std(weight)[:, None]

@@ -1,5 +1,5 @@
 """LoRA-Pro: LoRA whose gradients are rewritten so the equivalent full-weight gradient best
-approximates the full gradient (arXiv 2407.18242; adapters.md §19).
+approximates the full gradient (arXiv 2407.18242).
 
     y = W x + b + s · B A x        (plain LoRA forward, s = α/r)
 
@@ -111,7 +111,9 @@ def lora_pro_gradients(
     return new_A.to(grad_A.dtype), new_B.to(grad_B.dtype)
 
 
-@register_method("lora_pro")
+@register_method(
+    "lora_pro", summary="LoRA-Pro (Wang et al. 2024): LoRA gradients rewritten to match full fine-tuning"
+)
 class LoRAPro(LoRABase):
     """Plain LoRA whose (A, B) gradients are rewritten before each optimizer step."""
 

@@ -1,5 +1,5 @@
 """LoRA-SB: LoRA-XS initialised from the first full fine-tuning step (Ponkshe, Singhal et al.,
-arXiv 2411.19557; adapters.md §4b).
+arXiv 2411.19557).
 
 Architecture: LoRA-XS, ``y = W x + b + s · B R A x`` with only R (r, r) trained. Init:
 
@@ -13,7 +13,7 @@ Architecture: LoRA-XS, ``y = W x + b + s · B R A x`` with only R (r, r) trained
 With orthonormal B and A, a gradient step on R moves W by ``−η s² B Bᵀ G Aᵀ A``: the full
 gradient G projected onto both subspaces (the paper's equivalent-gradient view).
 
-Choices (UNCONFIRMED in the card: the official init module is not public): the placement
+Choices (not fixed by the paper: the official init module is not public): the placement
 B = U_r, R = S_r/s, A = V_rᵀ above; and by default W is left unchanged, so at init the model is
 W + (rank-r approximation of one full fine-tuning step), not the base model.
 ``noop_init=True`` instead stores W − s·B R₀ A as the base (like PiSSA's residual), so the
@@ -60,7 +60,9 @@ class LoRASBConfig(LoRAXSConfig):
             raise ValueError(f"init_lr must be a finite number > 0, got {self.init_lr!r}")
 
 
-@register_method("lora_sb")
+@register_method(
+    "lora_sb", summary="LoRA-SB (Ponkshe et al. 2024): LoRA-XS initialised from the first full-FT step"
+)
 class LoRASB(LoRAXS):
     """LoRA-XS whose B, R, A are the truncated SVD of the estimated first full-FT update."""
 

@@ -1,5 +1,4 @@
-"""LoRA-XS: a trainable r×r matrix between frozen SVD bases (Bałazy et al., arXiv 2405.17604;
-adapters.md §4a).
+"""LoRA-XS: a trainable r×r matrix between frozen SVD bases (Bałazy et al., arXiv 2405.17604).
 
     y = W x + b + s · B R A dropout(x),   B = U_r (out, r),  A = Σ_r V_rᵀ (r, in),  R (r, r)
 
@@ -11,7 +10,7 @@ Init: R ~ N(0, σ = 1e-5) as the official code (``init="svd"``), so the adapter 
 up to ‖s·BRA‖₂ ≤ s·σ₁·‖R‖₂; ``init="zero"`` starts from R = 0 (exactly a no-op; R still gets a
 gradient, s·Bᵀ G Aᵀ, since B and A are nonzero).
 
-Choices: the official scripts take α from a PEFT LoraConfig we could not read (UNCONFIRMED);
+Choices: the official scripts take α from a PEFT LoraConfig we could not read (not fixed by the paper);
 ``alpha=None`` (default) means s = 1 (α = r). A and B are saved with the adapter (r(out + in)
 values), so a load never depends on SVD sign conventions. `LoRASB` (lora_sb.py) reuses this
 class with bases from the first gradient instead of W.
@@ -64,7 +63,9 @@ class LoRAXSConfig(MethodConfig):
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
-@register_method("lora_xs")
+@register_method(
+    "lora_xs", summary="LoRA-XS (Bałazy et al. 2024): trainable r x r matrix between frozen SVD bases"
+)
 class LoRAXS(AdapterMethod):
     """Frozen A (r, in), B (out, r); trainable R (r, r); forward base + s·B R A x."""
 

@@ -1,4 +1,4 @@
-"""MoS: Mixture of Shards (Wang et al., ICLR 2025, arXiv 2410.00938; adapters.md §16).
+"""MoS: Mixture of Shards (Wang et al., ICLR 2025, arXiv 2410.00938).
 
 LoRA whose factors are not owned by a layer but assembled from global pools of *shards*:
 
@@ -20,7 +20,7 @@ Params: Σ pools + Σ_l p·(in + out), whatever r is (≈ a LoRA of rank ``budge
 Init: A-shards and private A rows kaiming-uniform U(−1/√in, 1/√in) (LoRA's A), B-shards and
 private B columns 0, so the adapter is a no-op at init. Merge materialises A, B: exact.
 
-Choices (card UNCONFIRMED; only the earlier chunk-repeat module of the official repo was
+Choices (not fixed by the paper; only the earlier chunk-repeat module of the official repo was
 readable): the router is a *fixed random index* (drawn once from the seeded per-layer
 generator, saved with the adapter), without replacement inside a layer while the pool is large
 enough and balanced (every shard used ⌈slots/pool⌉ times at most) beyond; the "random scaling
@@ -46,7 +46,15 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_integer,
+    check_probability,
+    register_method,
+)
+from rankwise.linalg import kaiming_uniform, make_generator
 
 ROLES = ("A", "B")
 # pool id -> the pool parameter most recently loaded by its owner (see the module docstring)
@@ -77,12 +85,9 @@ class MoSConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("budget_rank", "num_chunks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_integer(name, getattr(self, name), minimum=1)
         p = self.private_rank
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"private_rank must be an integer >= 0, got {p!r}")
+        check_integer("private_rank", p, minimum=0)
         if p > self.rank or p > self.budget_rank:
             raise ValueError(
                 f"private_rank {p} exceeds rank {self.rank} or budget_rank {self.budget_rank}: "
@@ -94,8 +99,7 @@ class MoSConfig(MethodConfig):
                 f"the other {self.rank - p} rank vectors: raise budget_rank (or private_rank "
                 "to rank)"
             )
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
 
     @property
@@ -119,7 +123,9 @@ def route(n_slots: int, n_shards: int, generator: torch.Generator) -> torch.Tens
     return torch.cat(perms)[:n_slots]
 
 
-@register_method("mos")
+@register_method(
+    "mos", summary="MoS (Wang et al. 2025): LoRA assembled from shards of shared pools"
+)
 class MoS(AdapterMethod):
     """Pool-assembled LoRA: pools (owner layer only), private rows, fixed shard indices."""
 
@@ -181,7 +187,7 @@ class MoS(AdapterMethod):
         def factory() -> dict[str, Any]:
             n = pool_size(self.config, len(members))
             if role == "A":  # LoRA's kaiming-uniform A: U(−1/√in, 1/√in)
-                gen = torch.Generator().manual_seed(layer_seed(ctx.seed, f"mos-pool-A-{dim}"))
+                gen = make_generator(layer_seed(ctx.seed, f"mos-pool-A-{dim}"))
                 values = (torch.rand(n, dim // k, generator=gen) * 2 - 1) / math.sqrt(dim)
             else:
                 values = torch.zeros(n, dim // k)
@@ -203,8 +209,7 @@ class MoS(AdapterMethod):
             index = route(s * k, param.shape[0], ctx.generator).view(s, k)
             getattr(self, f"{role}_index").copy_(index)
         with torch.no_grad():
-            bound = 1.0 / math.sqrt(self.in_features)
-            a = (torch.rand(self.A_private.shape, generator=ctx.generator) * 2 - 1) * bound
+            a = kaiming_uniform(self.A_private.shape, self.in_features, ctx.generator)
             self.A_private.copy_(a)
             self.B_private.zero_()
 

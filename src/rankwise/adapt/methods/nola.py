@@ -1,5 +1,5 @@
 """NOLA: LoRA factors as linear combinations of random bases (Koohpayegani et al., ICLR 2024,
-arXiv 2310.02556; adapters.md §5).
+arXiv 2310.02556).
 
     y = W x + b + s · B A dropout(x),   s = α/r
     A = A₀ + Σ_{i<k} α_i Â_i  (r, in),    B = Σ_{j<l} β_j B̂_j  (out, r)
@@ -16,7 +16,7 @@ in the forward *and* in the backward (∂L/∂α_i = ⟨∂L/∂A, Â_i⟩), sav
 so training memory does not grow with k.
 
 Init (official GPT code, ``gpt/src/model_nola.py``): α = β = 0, so B = 0 and the adapter is a
-no-op. Choice (card UNCONFIRMED): the ViT variant (coefficients 1/k, kaiming bases) is not
+no-op. Choice (ours): the ViT variant (coefficients 1/k, kaiming bases) is not
 offered. Inference regenerates the bases each forward: merge the adapter for deployment.
 """
 
@@ -31,7 +31,15 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_integer,
+    check_probability,
+    register_method,
+)
+from rankwise.linalg import make_generator
 
 _MOD = 2**63 - 1
 A_BASES, B_BASES, A_ZERO = 0, 1, 2  # factor tags of the per-basis seeds
@@ -94,7 +102,8 @@ class NOLAConfig(MethodConfig):
 
     Attributes:
         rank: r of the generated LoRA factors.
-        num_basis_A: k, random bases of A. num_basis_B: l, random bases of B.
+        num_basis_A: k, random bases of A.
+        num_basis_B: l, random bases of B.
         alpha: α; the branch is scaled by α/r.
         dropout: dropout probability on the adapter input (training only).
         chunk: bases generated at once (memory/speed trade-off; results do not depend on it).
@@ -110,14 +119,14 @@ class NOLAConfig(MethodConfig):
         super().__post_init__()
         for name in ("num_basis_A", "num_basis_B", "chunk"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+            check_integer(name, value, minimum=1)
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
 
 
-@register_method("nola")
+@register_method(
+    "nola", summary="NOLA (Koohpayegani et al. 2024): LoRA factors as combinations of random bases"
+)
 class NOLA(AdapterMethod):
     """Trainable coefficients α (k,), β (l,) of seeded random bases of A and B."""
 
@@ -139,7 +148,7 @@ class NOLA(AdapterMethod):
     def _set_seed(self, seed: int) -> None:
         self.seed = int(seed)
         r, n = self.config.rank, self.in_features
-        gen = torch.Generator(device="cpu").manual_seed(basis_seed(self.seed, A_ZERO, 0))
+        gen = make_generator(basis_seed(self.seed, A_ZERO, 0))
         bound = 1.0 / math.sqrt(n)  # kaiming_uniform(a=√5) on (r, in), as LoRA's A
         a0 = torch.empty(r, n).uniform_(-bound, bound, generator=gen)
         self.A0 = a0.to(device=self.coef_A.device, dtype=self.coef_A.dtype)

@@ -1,6 +1,6 @@
 """PiSSA: principal singular values and vectors adaptation (Meng et al., arXiv 2404.02948).
 
-LoRA whose factors start at the top-r SVD part of W, on a residual base (adapters.md §3):
+LoRA whose factors start at the top-r SVD part of W, on a residual base:
 
     W = U Σ Vᵀ,   S_r = Σ[:r] / s,   B = U_r diag(√S_r) (out, r),   A = diag(√S_r) V_rᵀ (r, in)
     W_res = W − s·B A = U_{>r} Σ_{>r} V_{>r}ᵀ,   y = W_res x + b + s·B A x
@@ -48,7 +48,9 @@ class PiSSAConfig(LoRAConfig):
             raise ValueError(f"niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
 
 
-@register_method("pissa")
+@register_method(
+    "pissa", summary="PiSSA (Meng et al. 2024): LoRA from the top singular triplets, residual base"
+)
 class PiSSA(LoRABase):
     """LoRA initialised from the top-r singular triplets; the base holds the residual."""
 

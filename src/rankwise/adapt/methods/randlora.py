@@ -1,4 +1,4 @@
-"""RandLoRA: full-rank updates from scaled shared random bases (arXiv 2502.00987; adapters.md §6).
+"""RandLoRA: full-rank updates from scaled shared random bases (arXiv 2502.00987).
 
 With d_min = min(in, out), d_max = max(in, out) and n = ⌈d_min / r⌉ bases (n·r ≥ d_min):
 
@@ -21,7 +21,8 @@ Choices: the bases are drawn in fp32 (PEFT uses bf16/fp16 depending on the machi
 *never saved*: a saved adapter holds λ, γ, the key (config) and the shared sizes (extra state);
 loading redraws them bit-identically. Uniform bases are U(−1, 1)/std (PEFT: kaiming-uniform /
 std, the same distribution). PEFT pairs A-rows and B-columns in a permuted order
-(adapters.md §6 test 4); we follow the formula, so PEFT checkpoints do not load here.
+(its ΔW differs from the paper's formula by that permutation); we follow the formula, so PEFT
+checkpoints do not load here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_alpha,
+    check_integer,
+    check_probability,
+    register_method,
+)
 from rankwise.adapt.methods._shared_bases import (
     check_saved_shape,
     generator,
@@ -118,16 +126,16 @@ class RandLoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(f"alpha must be a finite nonzero number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         check_probability("dropout", self.dropout)
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
-            raise ValueError(f"projection_prng_key must be an int, got {self.projection_prng_key!r}")
+        check_integer("projection_prng_key", self.projection_prng_key)
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
 
 
-@register_method("randlora")
+@register_method(
+    "randlora", summary="RandLoRA (Albert et al. 2025): full-rank update from scaled shared random bases"
+)
 class RandLoRA(AdapterMethod):
     """Trainable λ (r, n), γ (n, d_min) scaling n shared random rank-r bases."""
 

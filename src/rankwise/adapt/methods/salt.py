@@ -1,4 +1,4 @@
-"""SALT: singular value adaptation with a low-rank transformation (BioMedIA-MBZUAI; adapters.md §10).
+"""SALT: singular value adaptation with a low-rank transformation (BioMedIA-MBZUAI).
 
 Thin SVD ``W = U Σ Vᵀ`` (k = min(out, in)). The adapted weight is
 
@@ -15,8 +15,8 @@ not ``torch.manual_seed(42)``), so the adapter starts ~1e-4 away from a no-op.
 ``init="noop"`` keeps X ~ N(0, 0.01²) and sets Y = 0: an exact no-op that still trains.
 
 Regularizer (public layer): ``‖diag(aσ + c) − diag(σ)‖_F + ‖X Y‖_F``; its weight in the loss is
-UNCONFIRMED, so ``reg_weight`` defaults to 0 (off). With ``reg_weight > 0`` the method carries a
-training rule (`rankwise.adapt.attach_rules` adds the term's gradient at every optimizer step).
+not fixed by the paper, so ``reg_weight`` defaults to 0 (off). With ``reg_weight > 0`` the method
+carries a training rule (`rankwise.adapt.attach_rules` adds the term's gradient at every optimizer step).
 
 Choices: U, Σ, V are not saved (they would be ~2× the weight); loading recomputes the SVD of the
 original base weight, with signs made deterministic (the largest-magnitude entry of each column
@@ -33,7 +33,7 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_integer, register_method
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,9 +53,7 @@ class SALTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
-                or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        check_integer("lora_rank", self.lora_rank, minimum=0)
         if self.init not in ("official", "noop"):
             raise ValueError(f"init must be 'official' or 'noop', got {self.init!r}")
         if not isinstance(self.reg_weight, int | float) or not self.reg_weight >= 0:
@@ -73,7 +71,9 @@ def canonical_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return U * signs, S, Vh * signs[:, None]
 
 
-@register_method("salt")
+@register_method(
+    "salt", summary="SALT: scale/shift of the top singular values plus LoRA on the rest"
+)
 class SALT(AdapterMethod):
     """Scale/shift of the top-r singular values + LoRA on the rest of the spectrum."""
 

@@ -1,13 +1,14 @@
 """SaRA: train only the small-magnitude ("ineffective") pretrained weights, progressively, under a
 nuclear-norm constraint (Hu, Zhang, Yi et al., "SaRA: High-Efficient Diffusion Model Fine-tuning
-with Progressive Sparse Low-Rank Adaptation"; adapters.md §21).
+with Progressive Sparse Low-Rank Adaptation").
 
     M = {(i, j) : |W_ij| < threshold}                    mask, chosen on the weight at init
     W_eff = W with W[M] replaced by the trainable values v (|M|,)
     ΔW = scatter_M(v − W[M]) (+ the frozen deltas of earlier masks, below)
 
 Trainable: v, one flat tensor per adapted layer, initialised to W[M] (the official code's |w|
-flips the sign of small negative weights; the card's fix, w, makes the init an exact no-op).
+flips the sign of small negative weights; initialising with w
+instead makes the init an exact no-op).
 The forward adds x ↦ ΔW x to the base output; autograd returns ∂L/∂v = (∂L/∂W)[M] only.
 Saved: v, the flat mask indices, and the frozen deltas: a sparse adapter.
 
@@ -17,8 +18,8 @@ Training-time rules (``rankwise.adapt.attach_rules``), present when enabled:
   at random among those with min(out, in) > ``nuclear_min_dim`` gets the gradient of
   λ·‖W_eff ⊙ M‖_* added to ∂L/∂v: λ·(U Vᵀ)[M] with U, Vᵀ the singular vectors of the nonzero
   singular values of W_eff ⊙ M (via ``rankwise.linalg.svd``); the drawn layer is skipped when
-  it has ≤ ``nuclear_min_masked`` masked entries. Checked against the official code (card
-  UNCONFIRMED): in ``optim/adamw.py`` the penalty's gradient lands on a detached copy of the
+  it has ≤ ``nuclear_min_masked`` masked entries. Checked against the official code (the paper
+  leaves this open): in ``optim/adamw.py`` the penalty's gradient lands on a detached copy of the
   dense parameter and never reaches the trainable values; in ``optim/adamw2.py`` (the dense,
   masked-update variant, which also has the ``mask.sum() > 100`` guard) it does reach the
   masked entries. We follow adamw2: the gradient reaches v. The draw uses a generator seeded
@@ -48,7 +49,8 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.adapt.method import AdapterMethod, MethodConfig, check_integer, register_method
+from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -85,8 +87,7 @@ class SaRAConfig(MethodConfig):
             raise ValueError(f"progressive_iter must be an integer >= 1 or None, got {p!r}")
         for name in ("nuclear_min_dim", "nuclear_min_masked"):
             d = getattr(self, name)
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {d!r}")
+            check_integer(name, d, minimum=0)
 
 
 def default_lr(threshold: float) -> float:
@@ -94,7 +95,9 @@ def default_lr(threshold: float) -> float:
     return 1e-3 * math.exp(-350.0 * threshold)
 
 
-@register_method("sara")
+@register_method(
+    "sara", summary="SaRA (Hu et al. 2024): train the small-magnitude pretrained weights, sparse"
+)
 class SaRA(AdapterMethod):
     """Trainable values v of the masked positions; buffers: mask indices and frozen deltas."""
 
@@ -210,7 +213,7 @@ class SaRA(AdapterMethod):
                     and m.values.grad is not None]
         if not eligible:
             return
-        gen = torch.Generator().manual_seed(int(state.step))
+        gen = make_generator(int(state.step))
         m = eligible[int(torch.randint(len(eligible), (1,), generator=gen))]
         if m.values.numel() > m.config.nuclear_min_masked:
             m.values.grad.add_(m.nuclear_grad(), alpha=m.config.lambda_rank)

@@ -1,4 +1,4 @@
-"""SoRA: sparse low-rank adaptation with a proximal gate (Ding et al., EMNLP 2023; adapters.md §11).
+"""SoRA: sparse low-rank adaptation with a proximal gate (Ding et al., EMNLP 2023).
 
     y = W x + b + s · B (g ⊙ (A dropout(x))),   gate g (r,),   s = α/r
 
@@ -75,7 +75,9 @@ def soft_threshold(g: torch.Tensor, lam: float, *, official: bool = False) -> to
     return torch.where(g.abs() < lam, torch.zeros_like(g), g)
 
 
-@register_method("sora")
+@register_method(
+    "sora", summary="SoRA (Ding et al. 2023): LoRA with a proximally sparsified gate between A and B"
+)
 class SoRA(LoRABase):
     """LoRA with a trainable gate g (r,) between A and B, sparsified by a proximal step."""
 

@@ -1,5 +1,5 @@
 """SVFit: fine-tune the top-r singular values of W (arXiv: SVFit, "Parameter-Efficient
-Fine-Tuning of Large Pre-Trained Models Using Singular Values"; adapters.md §9).
+Fine-Tuning of Large Pre-Trained Models Using Singular Values").
 
     W = U Σ Vᵀ,   W_res = W − U_r Σ_r V_rᵀ,   W_eff = W_res + U_r diag(σ') V_rᵀ,   y = W_eff x + b
 
@@ -7,7 +7,7 @@ U_r (out, r), V_rᵀ (r, in) and W_res are frozen; σ' (r,) trains: r parameters
 starts at σ_1..σ_r, so W_eff = W at init. The stored base weight is W_res (PiSSA-style; the
 original W = W_res + U_r diag(σ₀) V_rᵀ stays recoverable, σ₀ kept as a frozen buffer).
 
-Choices (card UNCONFIRMED; only the abstract is public): σ' is trained *directly* (not as a
+Choices (not fixed by the paper; only the abstract is public): σ' is trained *directly* (not as a
 multiplicative or additive correction); r is fixed by ``rank``, or, with ``energy`` (e.g. 0.99,
 the abstract's "over 99 % of the matrix's information"), chosen per layer as the smallest r whose
 top singular values hold that fraction of Σσ² (``rank`` is then ignored); the chosen rank is
@@ -46,7 +46,9 @@ class SVFitConfig(MethodConfig):
             raise ValueError(f"energy must be None or in (0, 1] (e.g. 0.99), got {self.energy!r}")
 
 
-@register_method("svfit")
+@register_method(
+    "svfit", summary="SVFit: fine-tune the top-r singular values of W over a residual base"
+)
 class SVFit(AdapterMethod):
     """Trainable singular values σ' (r,) over frozen U_r, V_rᵀ and a residual base."""
 

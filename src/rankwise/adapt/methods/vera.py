@@ -1,4 +1,4 @@
-"""VeRA: vector-based random matrix adaptation (Kopiczko et al., arXiv 2310.11454; adapters.md §7).
+"""VeRA: vector-based random matrix adaptation (Kopiczko et al., arXiv 2310.11454).
 
     y = W x + b + Λ_b B Λ_d A dropout(x),   Λ_d = diag(d) (r,),  Λ_b = diag(b) (out,)
 
@@ -30,7 +30,13 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_integer,
+    check_probability,
+    register_method,
+)
 from rankwise.adapt.methods._shared_bases import (
     check_saved_shape,
     generator,
@@ -57,8 +63,7 @@ class VeRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
-            raise ValueError(f"projection_prng_key must be an int, got {self.projection_prng_key!r}")
+        check_integer("projection_prng_key", self.projection_prng_key)
         if not isinstance(self.d_initial, int | float) or not math.isfinite(self.d_initial):
             raise ValueError(f"d_initial must be a finite number, got {self.d_initial!r}")
         check_probability("dropout", self.dropout)
@@ -83,7 +88,9 @@ def vera_bases(key: int, rank: int, out_max: int, in_max: int, *, dtype: torch.d
     return flat[:n_a].view(rank, in_max), flat[n_a:].view(out_max, rank)
 
 
-@register_method("vera")
+@register_method(
+    "vera", summary="VeRA (Kopiczko et al. 2024): trainable scaling vectors around shared random A, B"
+)
 class VeRA(AdapterMethod):
     """Trainable scaling vectors d (r,), b (out,) around shared frozen random A, B."""
 
