@@ -59,15 +59,10 @@ RUN_CONTROL_FIELDS = frozenset(
 
 
 def _layer_names() -> list[str]:
-    """The layer methods of rankwise.layers (its registry, or its name table until it has one)."""
+    """The layer methods of registry("layer") that train from scratch."""
     from rankwise.registry import registry
 
-    names = registry("layer").names()
-    if not names:
-        from rankwise import layers
-
-        names = sorted(layers.LAYER_METHODS)
-    return [n for n in names if n not in _NOT_TRAINED_FROM_SCRATCH]
+    return [n for n in registry("layer").names() if n not in _NOT_TRAINED_FROM_SCRATCH]
 
 
 def methods() -> tuple[str, ...]:
