@@ -317,7 +317,12 @@ def _task_from_config(directory: Path | str) -> str:
     """Pick the task from config.json's `architectures` (a hub id defers to AutoConfig)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    from rankwise.compress.hf_guard import read_config  # a compressed dir's guarded config.json
+
+    if Path(directory).is_dir():
+        config = read_config(directory)
+    else:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") for a in archs):
         return "causal-lm"
