@@ -14,7 +14,7 @@ from collections.abc import Sequence
 # and a 20 %-compressed model decoded at 1.09x dense instead of 0.92x (docs/pipeline.md).
 
 # Subcommand modules, in the order `rankwise --help` lists them.
-_SUBCOMMANDS: tuple[str, ...] = ("eval", "inspect", "compress", "pretrain", "finetune", "shrink")
+_SUBCOMMANDS: tuple[str, ...] = ("eval", "inspect", "compress", "pretrain", "finetune", "shrink", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
