@@ -124,28 +124,34 @@ namespace = {"__name__": "__main__"}
 prelude = ('set -euo pipefail\n'
            'rankwise() { "%s" -c "import sys; from rankwise.cli import main; sys.exit(main())" "$@"; }\n'
            'make() { echo "doc-test: make $* is not run here"; }\n' % sys.executable)
+import time
 for b in blocks:
+    start = time.perf_counter()
+    print(f"--- {b['file']}:{b['line']} ({b['lang']})", flush=True)
     for setup in b["setup"]:
         exec(compile(setup, f"{b['file']} (setup of line {b['line']})", "exec"), namespace)
     if b["lang"] == "python":
         exec(compile("\n" * (b["line"] - 1) + b["source"], b["file"], "exec"), namespace)
     else:
-        print(f"--- {b['file']}:{b['line']} (bash)", flush=True)
-        done = subprocess.run(["bash", "-c", prelude + b["source"]])
+        done = subprocess.run(["bash", "-xc", prelude + b["source"]])
         if done.returncode:
             sys.exit(f"{b['file']}:{b['line']}: bash block failed with exit status {done.returncode}")
+    print(f"--- {b['file']}:{b['line']} done in {time.perf_counter() - start:.1f} s", flush=True)
 '''
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Tiny random Llama / BERT folders with the bundled models' tokenizers (see the docstring)."""
+    return build_tiny_models(tmp_path_factory.mktemp("doc-models"))
+
+
+def build_tiny_models(root: Path) -> dict[str, str]:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     import rankwise
 
-    root = tmp_path_factory.mktemp("doc-models")
     torch.manual_seed(0)
     tok = rankwise.load_tokenizer("smollm2-135m")
     llama = LlamaForCausalLM(LlamaConfig(
@@ -230,6 +236,28 @@ def test_doc_blocks_run(path, tiny_models, tmp_path):
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", TQDM_DISABLE="1")
-    done = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    try:
+        done = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        out, err = (_text(exc.stdout), _text(exc.stderr))
+        pytest.fail(f"{path.name}: blocks still running after {TIMEOUT_S} s (shorten them with "
+                    f"doc-test markers)\n{out[-3000:]}\n{err[-3000:]}")
     assert done.returncode == 0, f"{path.name}: a block failed\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import importlib.metadata
+
+    import rankwise
+    from rankwise.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rankwise {rankwise.__version__}"
+    assert rankwise.__version__ == importlib.metadata.version("rankwise")

@@ -2,9 +2,9 @@
 
 - `export_dense(src, out)`: multiply every factorised layer back into one dense weight
   (W = B A, plus an EoRA path's B' A') and write a standard Hugging Face checkpoint that plain
-  `transformers.AutoModelForCausalLM.from_pretrained(out)` loads, with rankwise's logits. It keeps
-  the smaller download of nothing: the dense checkpoint is as large and as fast as the original
-  model; only the compressed model's accuracy travels.
+  `transformers.AutoModelForCausalLM.from_pretrained(out)` loads, with rankwise's logits. It
+  keeps the compressed model's outputs only: the checkpoint is as large and as slow as the
+  original dense model.
 - `export_onnx(src, out)`: trace the factorised graph (two MatMuls per factorised layer) to
   ONNX, check it in onnxruntime against the PyTorch logits, and record the check. It keeps the
   parameter saving and the FLOP saving of the factorisation.
