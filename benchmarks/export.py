@@ -1,8 +1,11 @@
 """Latency of SmolLM2-135M compressed by 20 % in the formats `rankwise export` writes.
 
-The 20 % model is whitened SVD (SVD-LLM, uniform ranks, no healing: latency does not depend on
-the weights' values), made with `rankwise compress smollm2-135m --method svd-llm --ratio 0.2`
-unless --model-dir names one. It is exported to ONNX (the factorised graph) and, with its
+The 20 % model: by default ("--method shapes") every block linear of SmolLM2 becomes a
+FactorizedLinear at the ranks of a uniform 20 % allocation (`allocate_ranks(..., "uniform")`,
+the ranks `compress_(model, "svd-llm", 0.2)` uses), with the default initialisation instead of
+SVD factors: latency depends on the shapes only, and this takes seconds where 210 SVDs took
+30+ minutes on the shared 2-core machine. `--method svd-llm` (or any compress_ method) runs
+the real compression; --model-dir uses a compressed directory. It is exported to ONNX (the factorised graph) and, with its
 factors multiplied back, to a dense ONNX model; the four runners (PyTorch factorised / dense,
 onnxruntime factorised / dense) each run one scoring forward (batch 1, every position's logits,
 no KV cache) per round, interleaved, with the same thread count. Reported: medians as ratios to
@@ -39,6 +42,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=None,
                    help="a compressed directory to use instead of compressing SmolLM2 here")
     p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--method", default="shapes",
+                   help="shapes (random factors at uniform ranks) or a compress_ method")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 32])
@@ -52,11 +57,34 @@ def compressed_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.model_dir is not None:
         return rankwise.load_model(args.model_dir)
     model = rankwise.load_model("smollm2-135m")
-    tok = rankwise.load_tokenizer("smollm2-135m")
+    if args.method == "shapes":
+        return factorised_shapes(model, args.ratio).eval()
     from rankwise.compress import compress_
 
-    compress_(model, "svd-llm", args.ratio, tokenizer=tok, n_samples=16, seq_len=256)
+    tok = rankwise.load_tokenizer("smollm2-135m")
+    compress_(model, args.method, args.ratio, allocation="uniform", tokenizer=tok, n_samples=16,
+              seq_len=256)
     return model.eval()
+
+
+def factorised_shapes(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
+    """Every block nn.Linear -> FactorizedLinear at its uniform-allocation rank (random factors)."""
+    from torch import nn
+
+    from rankwise import surgery
+    from rankwise.compress.allocate import LayerSpec, allocate_ranks
+    from rankwise.layers.factorized import FactorizedLinear
+
+    linears = {f: m for f, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".layers." in f}
+    ranks = allocate_ranks({f: LayerSpec(m.out_features, m.in_features) for f, m in linears.items()},
+                           ratio, "uniform")
+    for fqn, rank in ranks.items():
+        if rank is not None:
+            m = linears[fqn]
+            surgery.replace_module(model, fqn, FactorizedLinear(
+                m.in_features, m.out_features, rank, bias=m.bias is not None))
+    return model
 
 
 def main() -> int:
@@ -95,7 +123,8 @@ def main() -> int:
     params = {n: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
               for n, m in (("factorised", model), ("dense", dense))}
     load = os.getloadavg()[0]
-    result = {"model": str(args.model_dir or f"smollm2-135m, svd-llm {args.ratio:.0%}"),
+    what = "random factors at the uniform ranks" if args.method == "shapes" else args.method
+    result = {"model": str(args.model_dir or f"SmolLM2-135M, {what}, {args.ratio:.0%} removed"),
               "threads": args.threads, "rounds": args.rounds, "load_average": load,
               "platform": platform.platform(), "torch": torch.__version__, "onnx_files": files,
               "parameters": params, "rows": rows}

@@ -6,7 +6,8 @@ exported function is logits = f(input_ids, attention_mask) over the whole sequen
 one forward pass per call, what scoring and batch inference run); batch and sequence length
 are dynamic. Written files:
 
-    model.onnx              the graph and its weights (tied weights stored once when shared)
+    model.onnx              the graph and its weights (a tied input/output embedding is stored
+                            twice: the exporter keeps a transposed copy for the output MatMul)
     tokenizer files         when a tokenizer is known
     rankwise_export.json    format, opset, exporter, and the onnxruntime check (max |diff|)
 
