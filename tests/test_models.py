@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -208,10 +209,42 @@ def test_a_changed_gguf_file_gets_a_new_cache_entry(fake_gguf, tmp_path):
     source, calls = fake_gguf
     cache = tmp_path / "cache"
     load_model(source, cache_dir=cache)
-    stat = (source / "tiny.Q4_1.gguf").stat()
-    os.utime(source / "tiny.Q4_1.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    (source / "tiny.Q4_1.gguf").write_bytes(b"GGUF, requantised")
     load_model(source, cache_dir=cache)
     assert len(calls) == 2 and len(list((cache / "models").glob("tiny.q4_1-*"))) == 2
+
+
+def test_copies_of_one_gguf_file_share_one_cache_entry(fake_gguf, tmp_path, monkeypatch):
+    """The key is the file's content: another path, another mtime (a second venv) or another
+    name reuses the converted model instead of converting it again."""
+    from rankwise import _filehash
+
+    source, calls = fake_gguf
+    cache = tmp_path / "cache"
+    first = load_model(source, cache_dir=cache)
+    copy = tmp_path / "other-venv" / "site-packages" / "pkg"
+    copy.mkdir(parents=True)
+    shutil.copy(source / "tiny.Q4_1.gguf", copy / "tiny.Q4_1.gguf")
+    stat = (copy / "tiny.Q4_1.gguf").stat()
+    os.utime(copy / "tiny.Q4_1.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**12))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    shutil.copy(source / "tiny.Q4_1.gguf", renamed / "my-model.gguf")
+    second, third = load_model(copy, cache_dir=cache), load_model(renamed, cache_dir=cache)
+    assert calls == ["tiny.Q4_1.gguf"]  # converted once, for the first copy only
+    (entry,) = [p for p in (cache / "models").iterdir() if not p.name.startswith(".")]
+    for other in (second, third):
+        torch.testing.assert_close(logits(other, IDS), logits(first, IDS), rtol=0, atol=0)
+
+    hashed = []  # a warm lookup reads the memo (this process's, or the one on disk)
+    real_hash = _filehash._hash
+    monkeypatch.setattr(_filehash, "_hash", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(_filehash, "_MEMO", {})
+    assert models._cache_dir_for(copy, "tiny.Q4_1.gguf", None, cache) == entry
+    assert hashed == []
+    os.utime(copy / "tiny.Q4_1.gguf")  # touched: hashed again, same content, same entry
+    assert models._cache_dir_for(copy, "tiny.Q4_1.gguf", None, cache) == entry
+    assert len(hashed) == 1
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):

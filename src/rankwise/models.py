@@ -18,8 +18,11 @@ pull in llama-cpp / sentence-transformers). Nothing here ever touches the networ
 already in the local Hugging Face cache.
 
 Cache: ``$RANKWISE_CACHE``, else ``$XDG_CACHE_HOME/rankwise``, else ``~/.cache/rankwise``;
-converted models live in ``models/NAME-HASH`` where HASH covers the source file's size and mtime
-and the package version, so a new package version converts afresh. The directory is built beside
+converted models live in ``models/NAME-HASH`` where HASH covers the GGUF file's content (its
+SHA-256) and, for a bundled model, the package version: every environment, venv or copy of the
+same file shares one entry, and a changed file converts afresh. The file's SHA-256 (~0.3 s for
+SmolLM2's 98 MB) is computed once per file identity (path, size, mtime, inode) and memoised in
+``models/.sha256/``, so a warm load does not re-read the file. The directory is built beside
 its target and moved into place with one ``os.replace``, so it is either complete or absent; a
 cache that fails to load (e.g. truncated safetensors) is rebuilt with a warning.
 """
@@ -38,6 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from rankwise._filehash import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -309,7 +314,12 @@ def _task_from_config(directory: Path | str) -> str:
     """Pick the task from config.json's `architectures` (a hub id defers to AutoConfig)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    from rankwise.compress.hf_guard import read_config  # a compressed dir's guarded config.json
+
+    if Path(directory).is_dir():
+        config = read_config(directory)
+    else:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") for a in archs):
         return "causal-lm"
@@ -348,9 +358,13 @@ def _from_pretrained(directory: Path | str, task: str, dtype: torch.dtype, **kwa
 def _cache_dir_for(
     source: Path | str, gguf: str, bundled: ModelInfo | None, cache_dir: Any
 ) -> Path:
-    """models/NAME-HASH, HASH over the GGUF file's size + mtime and the package version."""
+    """models/NAME-HASH, HASH over the GGUF file's content and (bundled) the package version.
+
+    No path and no modification time enter the key: two venvs, or two copies of one file, share
+    one converted model (the file lock in `_cached_conversion` serialises their first use).
+    """
     source = Path(source)
-    stat = (source / gguf).stat()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     if bundled is not None:
         try:
             version = importlib.metadata.version(bundled.pip_name)
@@ -359,11 +373,12 @@ def _cache_dir_for(
         stem = bundled.name
     else:
         stem = re.sub(r"[^\w.-]+", "-", Path(gguf).stem).lower()
-        version = str(source.resolve())
-    key = f"{_CACHE_FORMAT}|{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{version}"
+        version = ""
+    content = file_sha256(source / gguf, memo_dir=root / "models" / ".sha256")
+    key = f"{_CACHE_FORMAT}|{content}|{version}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    return root / "models" / f"{stem}-{digest}"
+    same = sorted(p for p in (root / "models").glob(f"*-{digest}") if p.is_dir())
+    return same[0] if same else root / "models" / f"{stem}-{digest}"  # a renamed copy reuses it
 
 
 def _looks_complete(directory: Path) -> bool:

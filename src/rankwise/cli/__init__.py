@@ -21,7 +21,9 @@ EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
 DEBUG_ENV = "RANKWISE_DEBUG"
 
 # Subcommand modules, in the order `rankwise --help` lists them.
-_SUBCOMMANDS: tuple[str, ...] = ("eval", "inspect", "compress", "pretrain", "finetune", "shrink", "list")
+_SUBCOMMANDS: tuple[str, ...] = (
+    "eval", "inspect", "compress", "pretrain", "finetune", "shrink", "export", "list"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,11 @@ cores; ``--max-tokens 0`` scores the whole split.
 An encoder (minilm-l6) has no perplexity: it is scored by nearest-centroid topic accuracy of its
 mean-pooled sentence embeddings on the fortunes topics (centroids from the train split). A
 sequence-classification model is scored by the accuracy of its own head on the same topics.
+
+``--harness TASK[,TASK]`` scores a causal LM with lm-evaluation-harness instead, offline, on
+local task definitions (rankwise_python_docs: rolling perplexity as lm-eval's wikitext task;
+rankwise_fortunes: topic multiple choice); ``--harness-include DIR`` adds your own task YAMLs
+(docs/harness.md). ``--limit N`` scores the first N documents of each task.
 """
 
 from __future__ import annotations
@@ -62,6 +67,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--json", metavar="PATH", default=None, help="also write the result as JSON here"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--harness", metavar="TASK[,TASK]", default=None,
+        help="run lm-evaluation-harness tasks (rankwise_python_docs, rankwise_fortunes, or yours)",
+    )
+    parser.add_argument(
+        "--harness-include", metavar="DIR", action="append", default=[],
+        help="a folder of extra lm-eval task YAMLs (repeatable)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="--harness: score the first N documents per task"
+    )
+    parser.add_argument(
+        "--num-fewshot", type=int, default=None, help="--harness: few-shot examples per prompt"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -71,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
     from rankwise.models import load_model, load_tokenizer, model_kind
 
+    if args.harness:
+        from rankwise.cli.eval_harness import run_harness
+
+        return run_harness(args)
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens {args.max_tokens} is negative: pass N > 0, or 0 for all")
     start = time.perf_counter()

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.compress import hf_guard
 from rankwise.layers.factorized import FactorizedLinear
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def save_compressed(
     with publish_dir(directory, verify=verify) as tmp:
         cfg = json.loads(config.to_json_string(use_diff=True))
         cfg["architectures"] = [type(model).__name__]
+        cfg = hf_guard.guard_config(cfg, specs)  # plain transformers refuses it, naming rankwise.load_model
         write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "to_json_string"):
@@ -189,8 +191,6 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
         FileNotFoundError: not a compressed directory (no rankwise_compression.json).
         ValueError: unknown format or architecture, or weights that do not match the structure.
     """
-    from transformers import AutoConfig
-
     from rankwise import surgery
     from rankwise.io import load_tensors, read_json, recover, verify_files
 
@@ -207,7 +207,7 @@ def load_compressed(directory: str | os.PathLike[str], *, dtype: torch.dtype | N
                      only=lambda name: name in _CHECKED or name.endswith(".safetensors"))
     saved_dtype = getattr(torch, meta["dtype"])
     cls = _architecture(meta["architecture"])
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config = hf_guard.read_config(directory)
     model = _instantiate(cls, config, saved_dtype)
     for fqn, spec in meta["layers"].items():
         _check_slot(model, fqn, spec, directory / MARKER)
