@@ -404,7 +404,7 @@ def compensate_(
     """Compress every target by `base` ("int8", "int4", "2:4") and add a rank-`rank` correction.
 
     Args:
-        compensation: "eora" (eigenspace of the input Gram, card 7) or "svd" (plain SVD of the
+        compensation: "eora" (eigenspace of the input Gram, eq. (1) of rankwise.compress.eora) or "svd" (plain SVD of the
             error, EoRA's baseline). `rank=0` applies the base compression alone.
         block_size: quantisation block size along the input dimension.
         Other arguments as for `compress_`.

@@ -5,19 +5,19 @@ Every method here solves, per linear W (m, n),
     min_{rank(W_hat) <= r}  || L (W - W_hat) R ||_F,        W_hat = L^-1 [L W R]_r R^-1
 
 exactly by one SVD of the whitened weight `L W R` (Eckart-Young), then stores
-`B = L^-1 U_r sqrt(S_r)` (m, r) and `A = sqrt(S_r) V_r^T R^-1` (r, n) (compression.md card 0).
+`B = L^-1 U_r sqrt(S_r)` (m, r) and `A = sqrt(S_r) V_r^T R^-1` (r, n) (Eckart-Young-Mirsky).
 The whitener chooses L (m, m diagonal) and R (n, n):
 
-| whitener    | L               | R                                  | method (card)              |
+| whitener    | L               | R                                  | method (paper)             |
 |-------------|-----------------|------------------------------------|----------------------------|
-| "none"      | I               | I                                  | LoRD, plain SVD (1)        |
-| "act-scale" | I               | diag(abs_mean^alpha + 1e-6)        | ASVD, alpha = 0.5 (3)      |
-| "fisher"    | I or diag(...)  | diag(sqrt(sum_i F_ij)^alpha) / I   | FWSVD, axis in/out (2)     |
-| "cholesky"  | I               | chol(G), G = sum x x^T             | SVD-LLM (4)                |
-| "eigh"      | I               | Q diag(sqrt(lambda)), G = Q L Q^T  | SVD-LLM / EoRA factor (7)  |
+| "none"      | I               | I                                  | LoRD, plain SVD            |
+| "act-scale" | I               | diag(abs_mean^alpha + 1e-6)        | ASVD (Yuan 2023), a = 0.5  |
+| "fisher"    | I or diag(...)  | diag(sqrt(sum_i F_ij)^alpha) / I   | FWSVD (Hsu 2022), in/out   |
+| "cholesky"  | I               | chol(G), G = sum x x^T             | SVD-LLM (Wang 2025)        |
+| "eigh"      | I               | Q diag(sqrt(lambda)), G = Q L Q^T  | EoRA (Liu 2024) eq. (1)    |
 
 With a Gram whitener `R R^T = G = X X^T`, so `R^-1 X` has orthonormal rows and
-`||(W - W_hat) X||_F^2 = sum_{i > r} sigma_i(W R)^2` (SVD-LLM's truncation-awareness, card 4):
+`||(W - W_hat) X||_F^2 = sum_{i > r} sigma_i(W R)^2` (SVD-LLM's truncation-awareness):
 the spectrum this compressor reports *is* the calibration loss of each discarded direction,
 which is what the rank allocators in rankwise.compress.allocate consume.
 
