@@ -274,13 +274,25 @@ def make_report(preset: MethodPreset, cfg: CompressConfig, targets: Mapping[str,
 
 def _sequential(model, preset, compressor, targets, ranks, ids, comp_rank, batch_size, progress) -> set[str]:
     """Block-by-block replacement with SVD-LLM's update; returns the fqns it replaced."""
-    from rankwise import surgery
     from rankwise.compress.sequential import run_blockwise
+
+    done: set[str] = set()
+    on_block = update_on_block(model, preset, compressor, targets, ranks, comp_rank, done)
+    run_blockwise(model, list(ids.split(batch_size)), targets, on_block,
+                  cross=preset.update_target == "original", progress=progress)
+    return done
+
+
+def update_on_block(model: nn.Module, preset: MethodPreset, compressor: Any,
+                    targets: Mapping[str, nn.Linear], ranks: Mapping[str, int | None],
+                    comp_rank: int, done: set[str]) -> Callable[[int, dict[str, Any]], None]:
+    """The block runner's callback for SVD-LLM's update: replace each target of the block by
+    factors re-fitted to its propagated inputs (lstsq: B only; joint: both); adds to `done`."""
+    from rankwise import surgery
     from rankwise.compress.svd import SVDConfig
     from rankwise.compress.svd_llm import joint_factors, update_left_factor
     from rankwise.layers.factorized import FactorizedLinear
 
-    done: set[str] = set()
     cross = preset.update_target == "original"
     config = SVDConfig(whitener=preset.whitener, damping=preset.damping) if preset.update == "joint" else None
 
@@ -306,6 +318,4 @@ def _sequential(model, preset, compressor, targets, ranks, ids, comp_rank, batch
             surgery.replace_module(model, fqn, new)
             done.add(fqn)
 
-    batches = list(ids.split(batch_size))
-    run_blockwise(model, batches, targets, on_block, cross=cross, progress=progress)
-    return done
+    return on_block
