@@ -154,6 +154,8 @@ def compress_(
     if preset.update != "none":
         done = _sequential(model, preset, compressor, targets, ranks, ids, cfg.compensation_rank,
                            cfg.batch_size, cfg.progress)
+    elif cfg.compensation_rank and cfg.compensation_sequential:
+        done = _sequential_compensation(model, compressor, targets, ranks, ids, cfg)
     _replace(model, compressor, targets, ranks, done, stats, cfg, preset.name, owned)
     report = make_report(preset, cfg, targets, ranks, compressor, params_before,
                          surgery.count_parameters(model), calib_info, time.perf_counter() - start)
@@ -166,7 +168,7 @@ def _fit(model, cfg, preset, compressor, targets, calibration, tokenizer, stats,
     """Calibrate (unless statistics are given or the compressor is fitted) and hand the
     statistics to the compressor; returns (ids or None, calibration info, stats)."""
     needs = tuple(compressor.needs) + (("gram",) if cfg.compensation_rank and "gram" not in compressor.needs else ())
-    sequential = preset.update != "none"
+    sequential = preset.update != "none" or bool(cfg.compensation_rank and cfg.compensation_sequential)
     calib_info: dict[str, Any] = {}
     ids = None
     fitted = not owned and all(f in getattr(compressor, "stats_", {}) for f in targets)
@@ -280,6 +282,27 @@ def _sequential(model, preset, compressor, targets, ranks, ids, comp_rank, batch
     on_block = update_on_block(model, preset, compressor, targets, ranks, comp_rank, done)
     run_blockwise(model, list(ids.split(batch_size)), targets, on_block,
                   cross=preset.update_target == "original", progress=progress)
+    return done
+
+
+def _sequential_compensation(model, compressor, targets, ranks, ids, cfg) -> set[str]:
+    """EoRA in its reference order inside the rank budget: the truncation (rank r - k) is
+    fitted on the dense model's statistics as usual, the EoRA path (rank k) of block i on the
+    Gram of inputs that went through the already compensated blocks < i."""
+    from rankwise import surgery
+    from rankwise.compress.sequential import run_blockwise
+
+    done: set[str] = set()
+
+    def on_block(_i: int, block_stats: dict[str, Any]) -> None:
+        for fqn, st in block_stats.items():
+            if ranks[fqn] is not None:
+                new = build_layer(compressor, fqn, targets[fqn], ranks[fqn], cfg.compensation_rank, st.gram)
+                surgery.replace_module(model, fqn, new)
+                done.add(fqn)
+
+    run_blockwise(model, list(ids.split(cfg.batch_size)), targets, on_block, share_inputs=True,
+                  progress=cfg.progress)
     return done
 
 

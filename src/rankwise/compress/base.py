@@ -134,6 +134,11 @@ class ObservedStats:
         self.stats_[fqn] = as_input_stats(stats)
         self._cache.pop(fqn, None)
 
+    def release(self, fqn: str) -> None:
+        """Drop the statistics and cached factorisation of `fqn` (it is compressed)."""
+        self.stats_.pop(fqn, None)
+        self._cache.pop(fqn, None)
+
     def forget(self, fqn: str | None = None) -> None:
         """Drop cached factorisations (of one layer, or all) to free memory."""
         if fqn is None:

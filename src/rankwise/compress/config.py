@@ -66,6 +66,9 @@ class CompressConfig(CalibrationConfig):
                                        "the method's)",
                                        choices=UPDATE_TARGETS)
     compensation_rank: int = option(0, "spend this much of each layer's rank on an EoRA path")
+    compensation_sequential: bool = option(
+        False, "fit the EoRA paths block by block on inputs through the compensated earlier "
+        "blocks (EoRA's reference order; methods with an update always do)")
 
     def validate(self) -> None:
         from rankwise.compress.allocate import ALLOCATIONS

@@ -199,6 +199,7 @@ def run_blockwise(
                                    cross=cross)
         outputs, ref_out = _collect(block, collector, records, hidden, ref_hidden)
         block_stats = collector.results() if local else {}
+        del collector  # on_block may free each layer's statistics as it goes
         if propagate == "original":
             hidden = outputs
             on_block(i, block_stats)

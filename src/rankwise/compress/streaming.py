@@ -228,6 +228,9 @@ def compress_streaming(
     if preset.whitener == "fisher" or preset.update == "lstsq":
         raise ValueError(f"method {preset.name!r} cannot stream ({'its Fisher needs a backward pass through the whole model' if preset.whitener == 'fisher' else 'its update mixes dense and compressed activations'}): "
                          "use svd_llm, asvd, svd_llm_seq, drank, welore, lord or afm, or compress_ in memory")
+    if cfg.compensation_rank and cfg.compensation_sequential and preset.update == "none":
+        raise ValueError("compensation_sequential needs the dense and the compensated activations of "
+                         "each block at once, which streaming does not keep: use compress_ in memory")
     s = _Session(source, cfg, calibration, tokenizer, device, dtype)
     params_before = count_parameters(s.model)
     inner = _scoped_ratio(cfg.ratio, cfg.scope, s.model, s.targets)
@@ -294,10 +297,12 @@ def _oneshot_on_block(model: nn.Module, compressor: Any, targets: Mapping[str, n
             for f in local:
                 compressor.observe_stats(f, stats[f])
         for f, m in local.items():
+            st = stats.pop(f, None)  # the compressor holds what it needs; freed layer by layer
+            gram = st.gram if comp_rank and st is not None else None
+            del st
             if ranks[f] is not None:
-                gram = stats[f].gram if comp_rank else None
                 surgery.replace_module(model, f, build_layer(compressor, f, m, ranks[f], comp_rank, gram))
-        _forget(compressor, list(local))
+            _forget(compressor, [f])
 
     return on_block
 
@@ -305,9 +310,10 @@ def _oneshot_on_block(model: nn.Module, compressor: Any, targets: Mapping[str, n
 def _forget(compressor: Any, fqns: list[str]) -> None:
     """Drop a finished block's statistics and cached SVDs (memory stays one block's worth)."""
     for f in fqns:
-        getattr(compressor, "stats_", {}).pop(f, None)
-    if hasattr(compressor, "forget"):
-        compressor.forget()
+        if hasattr(compressor, "release"):
+            compressor.release(f)
+        else:
+            getattr(compressor, "stats_", {}).pop(f, None)
 
 
 def compensate_streaming(
