@@ -211,6 +211,7 @@ def run_blockwise(
                     hidden[b] = _first(block(*a, **k))
             if ref_hidden is not None:
                 ref_hidden = ref_out
+        block_stats = outputs = ref_out = None  # free this block's statistics before the next
         if loader is not None:
             loader.release(i, block)
 

@@ -71,7 +71,22 @@ class _Loader:
         for f, m in self.targets.items():  # replaced originals too (callers may still hold them)
             if f.startswith(f"{self.prefix}.{i}."):
                 m.to("meta")
+        _return_free_memory()
         self.block_seconds.append(time.perf_counter() - self._start)
+
+
+def _return_free_memory() -> None:
+    """Hand freed heap memory back to the OS between blocks (glibc keeps freed chunks below its
+    mmap threshold in its arenas, so a long stream of block-sized allocations fragments and
+    grows the resident set); a no-op where `malloc_trim` does not exist."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _to_meta(model: nn.Module, exclude: str) -> None:
@@ -302,6 +317,7 @@ def _oneshot_on_block(model: nn.Module, compressor: Any, targets: Mapping[str, n
             del st
             if ranks[f] is not None:
                 surgery.replace_module(model, f, build_layer(compressor, f, m, ranks[f], comp_rank, gram))
+                m.to("meta")  # the original weight is not needed any more
             _forget(compressor, [f])
 
     return on_block
@@ -347,6 +363,7 @@ def compensate_streaming(
         local = {f: s.targets[f] for f in stats}
         for f, new in compensate_group(stats, local, cfg).items():
             surgery.replace_module(s.model, f, new)
+            local[f].to("meta")  # the original weight is not needed any more
 
     output = Output(out)
     try:
