@@ -35,9 +35,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def child(args: argparse.Namespace) -> None:
     """Compress in this process and print one JSON line of measurements."""
+    import threading
+
     from rankwise.compress import compensate_streaming, compress_streaming
 
     torch.set_num_threads(args.threads)
+    timeline: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+
+    def sample() -> None:  # resident set every 0.5 s, to see which phase holds the peak
+        while True:
+            status = Path("/proc/self/status").read_text()
+            timeline.append((round(time.perf_counter() - t0, 1), int(status.split("VmRSS:")[1].split()[0]) // 1024))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
     n, seq = args.tokens
     ids = torch.randint(0, 32000, (n, seq), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
@@ -49,7 +61,9 @@ def child(args: argparse.Namespace) -> None:
                                     batch_size=n, device=args.device, progress=False)
     total = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
-    print(json.dumps({"peak_rss_bytes": peak, "seconds": total, "report": report.to_dict()}))
+    step = max(1, len(timeline) // 300)
+    print(json.dumps({"peak_rss_bytes": peak, "seconds": total, "report": report.to_dict(),
+                      "rss_timeline_mib": timeline[::step]}))
 
 
 def summarise(model: Path, out: Path, args: argparse.Namespace, measured: dict) -> dict:
@@ -83,6 +97,7 @@ def summarise(model: Path, out: Path, args: argparse.Namespace, measured: dict) 
         "seconds_total": measured["seconds"],
         "seconds_per_block": blocks,
         "seconds_per_block_mean": sum(blocks) / len(blocks),
+        "rss_timeline_mib": measured["rss_timeline_mib"],
         "params_after": report["params_model_after"],
         "params_after_reloaded": n_after,
         "ratio_model": 1 - report["params_model_after"] / report["params_model_before"],

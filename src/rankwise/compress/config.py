@@ -78,8 +78,8 @@ class CompressConfig(CalibrationConfig):
 
         super().validate()
         check_ratio(self.ratio)
-        object.__setattr__(self, "method", canonical_name(self.method))
         get_preset(self.method)  # unknown names raise, listing the known ones
+        object.__setattr__(self, "method", canonical_name(self.method))
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
         if isinstance(self.compensation_rank, bool) or not isinstance(self.compensation_rank, int) \

@@ -140,4 +140,4 @@ def get_preset(name: str) -> MethodPreset:
     try:
         return _REGISTRY.get(name).load()
     except ValueError as exc:
-        raise ValueError(f"unknown method {name!r}: {str(exc).split(': ', 1)[-1]}") from None
+        raise ValueError(str(exc).replace("unknown compressor", "unknown method", 1)) from None

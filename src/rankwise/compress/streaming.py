@@ -240,12 +240,7 @@ def compress_streaming(
         options["calibration"], calibration = calibration, None
     cfg = config_from(CompressConfig, config, {"method": method, "ratio": ratio, **options})
     preset = resolve_preset(cfg)
-    if preset.whitener == "fisher" or preset.update == "lstsq":
-        raise ValueError(f"method {preset.name!r} cannot stream ({'its Fisher needs a backward pass through the whole model' if preset.whitener == 'fisher' else 'its update mixes dense and compressed activations'}): "
-                         "use svd_llm, asvd, svd_llm_seq, drank, welore, lord or afm, or compress_ in memory")
-    if cfg.compensation_rank and cfg.compensation_sequential and preset.update == "none":
-        raise ValueError("compensation_sequential needs the dense and the compensated activations of "
-                         "each block at once, which streaming does not keep: use compress_ in memory")
+    _check_streamable(preset, cfg)
     s = _Session(source, cfg, calibration, tokenizer, device, dtype)
     params_before = count_parameters(s.model)
     inner = _scoped_ratio(cfg.ratio, cfg.scope, s.model, s.targets)
@@ -279,6 +274,18 @@ def compress_streaming(
         output.abort()
         raise
     return report
+
+
+def _check_streamable(preset: Any, cfg: Any) -> None:
+    """Refuse, before any work, what one pass over the blocks cannot reproduce."""
+    if preset.whitener == "fisher" or preset.update == "lstsq":
+        why = ("its Fisher needs a backward pass through the whole model" if preset.whitener == "fisher"
+               else "its update mixes dense and compressed activations")
+        raise ValueError(f"method {preset.name!r} cannot stream ({why}): use svd_llm, asvd, svd_llm_seq, "
+                         "drank, welore, lord or afm, or compress_ in memory")
+    if cfg.compensation_rank and cfg.compensation_sequential and preset.update == "none":
+        raise ValueError("compensation_sequential needs the dense and the compensated activations of "
+                         "each block at once, which streaming does not keep: use compress_ in memory")
 
 
 def _spectra_on_block(compressor: Any, targets: Mapping[str, nn.Linear], specs: dict[str, Any]):
