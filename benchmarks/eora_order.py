@@ -27,6 +27,25 @@ import torch  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
+def write(rows: list[dict], info: dict, args: argparse.Namespace) -> None:
+    """benchmarks/results/eora_order.json + .md from the rows measured so far."""
+    dense_ppl = rows[0]["ppl"]
+    for x in rows:
+        x["x_dense"] = x["ppl"] / dense_ppl
+    result = {"model": "smollm2-135m", "calibration": info, "eval": {"corpus": "python-docs", "split": "test",
+              "tokens": args.eval_tokens}, "rank": args.rank, "ratio": args.ratio, "rows": rows,
+              "machine": f"{os.cpu_count()} CPU cores shared with ~7 other jobs; seconds indicative only"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "eora_order.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# EoRA: parallel vs sequential calibration order (SmolLM2-135M)", "",
+             f"Calibration {info['n_samples']} x {info['seq_len']} python-docs tokens; perplexity on "
+             f"{args.eval_tokens} python-docs test tokens. {result['machine']}.", "",
+             "| setting | order | perplexity | x dense | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {x['setting']} | {x['order'] or '-'} | {x['ppl']:.3f} | {x['x_dense']:.3f} | {x['seconds']:.0f} |"
+              for x in rows]
+    (RESULTS / "eora_order.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calib", type=int, nargs=2, default=(8, 256), metavar=("N", "SEQ"))
@@ -34,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dense-ppl", type=float, default=None,
+                   help="reuse a dense perplexity measured with the same --eval-tokens")
+    p.add_argument("--skip-truncation-alone", action="store_true",
+                   help="leave out the svd_llm row without EoRA (context only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -56,33 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         ppl = test_perplexity(model, tok, args.eval_tokens)
         rows.append({"setting": name, "order": order, "ppl": ppl, "seconds": seconds})
         print(json.dumps(rows[-1]), flush=True)
+        write(rows, info, args)  # partial results survive an interrupted run
 
     k, r = args.rank, args.ratio
-    row("dense", None, lambda m: None)
-    row(f"svd_llm {r:.0%}", None, lambda m: compress_(m, "svd_llm", r, stats=stats, progress=False))
+    if args.dense_ppl is None:
+        row("dense", None, lambda m: None)
+    else:
+        rows.append({"setting": "dense", "order": None, "ppl": args.dense_ppl, "seconds": 0.0})
+    if not args.skip_truncation_alone:
+        row(f"svd_llm {r:.0%}", None, lambda m: compress_(m, "svd_llm", r, stats=stats, progress=False))
+    row(f"int4 + EoRA r={k}", "parallel", lambda m: compensate_(m, "int4", k, stats=stats, progress=False))
+    row(f"int4 + EoRA r={k}", "sequential",
+        lambda m: compensate_(m, "int4", k, calibration=ids, sequential=True, progress=False))
     row(f"svd_llm {r:.0%} + EoRA k={k} in budget", "parallel",
         lambda m: compress_(m, "svd_llm", r, stats=stats, compensation_rank=k, progress=False))
     row(f"svd_llm {r:.0%} + EoRA k={k} in budget", "sequential",
         lambda m: compress_(m, "svd_llm", r, calibration=ids, compensation_rank=k,
                             compensation_sequential=True, progress=False))
-    row(f"int4 + EoRA r={k}", "parallel", lambda m: compensate_(m, "int4", k, stats=stats, progress=False))
-    row(f"int4 + EoRA r={k}", "sequential",
-        lambda m: compensate_(m, "int4", k, calibration=ids, sequential=True, progress=False))
-    dense_ppl = rows[0]["ppl"]
-    for x in rows:
-        x["x_dense"] = x["ppl"] / dense_ppl
-    result = {"model": "smollm2-135m", "calibration": info, "eval": {"corpus": "python-docs", "split": "test",
-              "tokens": args.eval_tokens}, "rank": k, "ratio": r, "rows": rows,
-              "machine": f"{os.cpu_count()} CPU cores shared with ~7 other jobs; seconds indicative only"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "eora_order.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# EoRA: parallel vs sequential calibration order (SmolLM2-135M)", "",
-             f"Calibration {info['n_samples']} x {info['seq_len']} python-docs tokens; perplexity on "
-             f"{args.eval_tokens} python-docs test tokens. {result['machine']}.", "",
-             "| setting | order | perplexity | x dense | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {x['setting']} | {x['order'] or '-'} | {x['ppl']:.3f} | {x['x_dense']:.3f} | {x['seconds']:.0f} |"
-              for x in rows]
-    (RESULTS / "eora_order.md").write_text("\n".join(lines) + "\n")
+    write(rows, info, args)
     return 0
 
 
