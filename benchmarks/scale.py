@@ -111,11 +111,16 @@ def write(result: dict) -> None:
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     gib = 2**30
     blocks = result["seconds_per_block"]
+    if result["method"] in ("int8", "int4"):
+        what = (f"`compensate_streaming(base=\"{result['method']}\", rank=0)`: every layer's fp64 input "
+                "Gram accumulated on the propagated hidden states, weights quantised, each block "
+                "written, `model.safetensors` assembled and reloaded with `rankwise.load_model`")
+    else:
+        what = f"`compress_streaming(\"{result['method']}\", ratio={result['ratio']})`"
     md = f"""# Streaming compression at scale
 
-Synthetic TinyLlama-shaped model (random weights, `scripts/make_synthetic_llama.py`), compressed
-by `rankwise.compress.compress_streaming` ({result['method']}, ratio {result['ratio']}, device
-{result['device']}), one decoder block at a time from its bf16 safetensors shards.
+Synthetic TinyLlama-shaped model (random weights, `scripts/make_synthetic_llama.py`), streamed
+one decoder block at a time from its bf16 safetensors shards on {result['device']}: {what}.
 
 | measure | value |
 |---|---|
@@ -131,7 +136,8 @@ by `rankwise.compress.compress_streaming` ({result['method']}, ratio {result['ra
 Peak RSS is `ru_maxrss` of a child process that only compresses: the Python runtime, torch and
 transformers (~0.4 GiB) are included. {result['machine']}.
 """
-    (RESULTS / "scale.md").write_text(md)
+    notes = RESULTS / "scale_notes.md"  # hand-written context (other runs), appended when present
+    (RESULTS / "scale.md").write_text(md + ("\n" + notes.read_text() if notes.is_file() else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rewrite", action="store_true", help="rewrite scale.md from scale.json")
     args = p.parse_args(argv)
     if args.child:
         child(args)
+        return 0
+    if args.rewrite:
+        write(json.loads((RESULTS / "scale.json").read_text()))
         return 0
     if not (args.model / "config.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic_llama.py"), "--out",
