@@ -269,3 +269,44 @@ def test_tiny_gpt2_conv1d_gram_and_fisher() -> None:
     w = model.transformer.h[0].attn.c_attn.weight  # Conv1D: (in, out); sq_grad is (out, in)
     assert s.sq_grad.shape == (48, 16)
     torch.testing.assert_close(s.sq_grad, (w.grad**2).T, rtol=1e-5, atol=1e-12)
+
+
+def test_one_accumulator_one_numeric_policy():
+    """Every Gram in rankwise is Σ xᵀx of the fp64-cast inputs: the whole-model pass, the
+    block runner and a compressor's own observe give the very same numbers."""
+    from rankwise.compress.base import InputStats
+    from rankwise.compress.sequential import run_blockwise
+
+    torch.manual_seed(0)
+    model = ToyLM().eval()
+    ids = torch.randint(0, VOCAB, (6, 9))
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in ("q_proj", "o_proj", "down_proj")]
+    targets = {n: model.get_submodule(n) for n in names}
+    whole = calibrate.capture_input_stats(model, ids, targets, batch_size=3, progress=False)
+    stored = _stored_inputs(model, list(ids.split(3)), names)
+    blockwise = {}
+    run_blockwise(model, list(ids.split(3)), targets,
+                  lambda i, stats: blockwise.update(stats), progress=False)
+    for n in names:
+        X = stored[n]
+        torch.testing.assert_close(whole[n].gram, X.T @ X, rtol=1e-12, atol=1e-12)
+        assert whole[n].gram.dtype == torch.float64
+        assert torch.equal(blockwise[n].gram, whole[n].gram), n  # same hooks, same accumulator
+        own = InputStats()
+        for part in X.split(9 * 3):
+            own.update(part.float())
+        assert torch.equal(own.gram, whole[n].gram), n
+
+
+def test_accumulator_cross_gram_and_fp32_inputs():
+    g = torch.Generator().manual_seed(1)
+    x, ref = torch.randn(50, 7, generator=g), torch.randn(50, 7, generator=g)
+    acc = calibrate.GramAccumulator(7, ("gram", "mean"), cross=True)
+    acc.add(x[:20], ref[:20])
+    acc.add(x[20:], ref[20:])
+    xd, rd = x.double(), ref.double()
+    torch.testing.assert_close(acc.gram, xd.T @ xd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.cross, rd.T @ xd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.finish()["mean"], xd.mean(0), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pass ref="):
+        acc.add(x)

@@ -147,6 +147,25 @@ def check_calibration_ids(model: nn.Module, calibration: Any) -> None:
         )
 
 
+def _resolve_targets(bound: inspect.BoundArguments, sig: inspect.Signature, model: nn.Module) -> Any:
+    """The targets a compress_/compensate_ call will act on (from its keyword options or its
+    config), narrowed by `compress_targets` and written back where the call reads them."""
+    args = bound.arguments
+    options = dict(args.get("options") or {})
+    requested = options.get("target_modules", getattr(args.get("config"), "target_modules", None))
+    if "target_modules" in sig.parameters:
+        requested = args.get("target_modules", requested)
+    chosen = compress_targets(model, requested)
+    if chosen is not requested:
+        chosen = tuple(chosen) if isinstance(chosen, list) else chosen
+        if "target_modules" in sig.parameters:
+            args["target_modules"] = chosen
+        else:
+            options["target_modules"] = chosen
+            args["options"] = options
+    return chosen
+
+
 def guarded(fn: F) -> F:
     """Wrap compress_ / compensate_: validate everything first, roll back on any failure."""
     sig = inspect.signature(fn)
@@ -160,8 +179,7 @@ def guarded(fn: F) -> F:
         bound.apply_defaults()
         model = bound.arguments["model"]
         check_compressible(model, fn.__name__)
-        bound.arguments["target_modules"] = compress_targets(model, bound.arguments.get("target_modules"))
-        targets = find_targets(model, bound.arguments["target_modules"])
+        targets = find_targets(model, _resolve_targets(bound, sig, model))
         check_finite(targets)
         check_calibration_ids(model, bound.arguments.get("calibration"))
         try:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_llama
+from compress_models import tiny_llama
 
 from rankwise.compress import compensate_, compress_, load_compressed, save_compressed
 from rankwise.compress.eora import CompensatedLinear

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from compress_models import tiny_llama
 
 from rankwise.compress import compress_
 from rankwise.compress.report import CompressionReport

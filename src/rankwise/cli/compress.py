@@ -9,59 +9,65 @@ directory, the input itself, or a directory holding files rankwise did not write
 and published atomically: a run killed at any point leaves the old --out or the new one.
 With --method eora, --peft-out also needs the quantised base model the adapter applies to;
 it is written to --peft-base (default: --out with "-base" appended).
+`--streaming` compresses a model that does not fit in memory block by block from its files
+(rankwise.compress.streaming); `--device cuda` runs each block on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from typing import Any
 
 _DESCRIPTION = __doc__
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `compress` subcommand."""
+    """Add the `compress` subcommand; its option flags are generated from CompressConfig and
+    CompensateConfig (rankwise.config.add_arguments), so defaults are declared once."""
     from rankwise.compress.allocate import ALLOCATIONS
+    from rankwise.compress.config import CalibrationConfig, CompensateConfig, CompressConfig
     from rankwise.compress.presets import METHODS
+    from rankwise.config import add_arguments
+    from rankwise.registry import canonical_name
 
     methods = "\n".join(f"  {n:<15} {p.description}" for n, p in METHODS.items())
     parser = subparsers.add_parser(
         "compress",
         help="low-rank compress a model's linear layers (SVD-LLM, ASVD, WeLore, EoRA, ...)",
-        description=_DESCRIPTION + "\nmethods:\n" + methods,
+        description=_DESCRIPTION + "\nmethods (dashes accepted, e.g. svd-llm):\n" + methods,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="bundled model name (smollm2-135m, minilm-l6) or a model directory")
-    parser.add_argument("--method", default="svd-llm", choices=list(METHODS), help="compression method (default svd-llm)")
-    parser.add_argument("--ratio", type=float, default=0.2,
-                        help="fraction of parameters to remove, in [0, 1) (default 0.2)")
-    parser.add_argument("--scope", default="targets", choices=("targets", "model"),
-                        help="what --ratio is a fraction of: the targeted layers (default) or the whole model")
-    parser.add_argument("--allocation", choices=list(ALLOCATIONS), default=None,
-                        help="rank allocation across layers (default: the method's)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
-                        help="layer names/globs to compress (default: every linear but the output head)")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    parser.add_argument("--calib-seq-len", type=int, default=256, help="calibration sequence length (default 256)")
-    parser.add_argument("--calib-source", default=None,
-                        help="calibration text: corpus name, file or glob (default: the embedded python-docs corpus)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    parser.add_argument("--damping", type=float, default=None, help="relative Gram damping (e.g. 1e-2)")
-    parser.add_argument("--update", choices=("none", "lstsq", "joint"), default=None,
-                        help="SVD-LLM update after whitening (default: the method's)")
-    parser.add_argument("--compensation-rank", type=int, default=0,
-                        help="spend this much of each layer's rank on an EoRA path (default 0)")
-    parser.add_argument("--base", choices=("int8", "int4", "2:4"), default="int4",
-                        help="for --method eora: the compression to compensate (default int4)")
-    parser.add_argument("--rank", type=int, default=32, help="for --method eora: the EoRA rank (default 32)")
+    add_arguments(parser, CompressConfig)
+    parser.set_defaults(method=CompressConfig.method)
+    for action in parser._actions:  # the choices come from the registry, spelled either way
+        if action.dest == "method":
+            action.type, action.choices = canonical_name, list(METHODS)
+        if action.dest == "target_modules":
+            action.metavar = "NAME"
+        if action.dest == "allocation":
+            action.choices = list(ALLOCATIONS)
+        if action.choices is not None and None in action.choices:  # None is the default only
+            action.choices = [c for c in action.choices if c is not None]
+    eora = parser.add_argument_group("for --method eora (compensate_)")
+    add_arguments(eora, CompensateConfig, exclude=[f.name for f in fields(CalibrationConfig)])
+    parser.add_argument("--calib-source", dest="calibration", default=None,
+                        help=CalibrationConfig.help_text("calibration").split("; from Python")[0])
+    for old, dest in (("--calib-samples", "n_samples"), ("--calib-seq-len", "seq_len")):
+        parser.add_argument(old, dest=dest, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--streaming", action="store_true",
+                        help="compress block by block from the model's safetensors files without "
+                        "loading it (peak memory ~ one block); writes --out directly")
+    parser.add_argument("--device", default="cpu",
+                        help="with --streaming: where each block is calibrated and compressed (e.g. cuda)")
     parser.add_argument("--peft-out", default=None,
                         help="for --method eora: also write the EoRA paths as a PEFT LoRA adapter here")
     parser.add_argument("--peft-base", default=None,
                         help="with --peft-out: where to write the quantised base model the adapter applies to "
                              "(default: OUT-base); an existing directory is replaced only if rankwise wrote it")
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration micro-batch size")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.set_defaults(func=run)
@@ -72,27 +78,35 @@ def run(args: argparse.Namespace) -> int:
     """Load, compress, save and print the summary; returns the exit status."""
     from rankwise.compress import compensate_, compress_, export_peft, get_preset, save_compressed
     from rankwise.compress.base import check_ratio
+    from rankwise.compress.config import CompensateConfig, CompressConfig
+    from rankwise.config import from_args
     from rankwise.models import load_model, load_tokenizer
 
     check_ratio(args.ratio)  # fail before the (slow) model load
     preset = get_preset(args.method)
     peft_base = check_outputs(args, preset.kind)  # every output writable, none clobbers the input
-    progress = not args.no_progress
-    model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
-    common: dict[str, Any] = dict(
-        calibration=args.calib_source, tokenizer=tokenizer, n_samples=args.calib_samples,
-        seq_len=args.calib_seq_len, seed=args.seed, target_modules=args.target_modules,
-        batch_size=args.batch_size, progress=progress,
-    )
+    overrides = {"progress": not args.no_progress}
     if preset.kind == "compensate":
-        report = compensate_(model, args.base, args.rank, **common)
+        config: Any = from_args(CompensateConfig, args, **overrides)
     else:
-        report = compress_(model, args.method, args.ratio, allocation=args.allocation, scope=args.scope,
-                           damping=args.damping, update=args.update,
-                           compensation_rank=args.compensation_rank, **common)
-    save_compressed(model, args.out, tokenizer=tokenizer, report=report)
+        config = from_args(CompressConfig, args, **overrides)
+    if args.streaming:
+        from rankwise.compress.streaming import compensate_streaming, compress_streaming
+
+        stream = compensate_streaming if preset.kind == "compensate" else compress_streaming
+        report = stream(args.model, args.out, config=config, device=args.device)
+        model = tokenizer = None
+    else:
+        model = load_model(args.model)
+        tokenizer = load_tokenizer(args.model)
+        if preset.kind == "compensate":
+            report = compensate_(model, config=config, tokenizer=tokenizer)
+        else:
+            report = compress_(model, config=config, tokenizer=tokenizer)
+        save_compressed(model, args.out, tokenizer=tokenizer, report=report)
     if preset.kind == "compensate" and args.peft_out:
+        if model is None:
+            model, tokenizer = load_model(args.out), load_tokenizer(args.out)
         export_peft(model, args.peft_out, base_directory=peft_base, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))

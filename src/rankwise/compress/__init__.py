@@ -8,9 +8,12 @@
     save_compressed(model, "out/", tokenizer=tok, report=report)
     model = load_compressed("out/")            # or rankwise.load_model("out/")
 
-Methods are presets over (whitener x allocation x update) (see `presets.METHODS`):
-lord, fwsvd, asvd, svd-llm, svd-llm-update, svd-llm-seq, welore, drank, afm, and the
-compensation eora (`compensate_`). Every factorisation goes through rankwise.linalg.
+Methods are presets over (whitener x allocation x update), entries of the "compressor"
+registry (`rankwise.registry`; `presets.METHODS` is a view): lord, fwsvd, asvd, svd_llm,
+svd_llm_update, svd_llm_seq, welore, drank, afm, and the compensation eora (`compensate_`);
+dashes are accepted (svd-llm). Options are one frozen `CompressConfig`. Models that do not fit
+in memory compress block by block from their files (`compress_streaming`). Every
+factorisation goes through rankwise.linalg.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from typing import Any
 
 _LAZY = {
     "compress_": "rankwise.compress.api",
-    "compensate_": "rankwise.compress.api",
-    "find_targets": "rankwise.compress.api",
-    "calibration_ids": "rankwise.compress.api",
+    "compensate_": "rankwise.compress.compensate",
+    "find_targets": "rankwise.compress.calibration",
+    "calibration_ids": "rankwise.compress.calibration",
+    "CompressConfig": "rankwise.compress.config",
+    "CompensateConfig": "rankwise.compress.config",
+    "compress_streaming": "rankwise.compress.streaming",
+    "compensate_streaming": "rankwise.compress.streaming",
     "build_compressor": "rankwise.compress.api",
     "CompressionReport": "rankwise.compress.report",
     "LayerRecord": "rankwise.compress.report",

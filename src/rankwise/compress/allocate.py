@@ -14,7 +14,7 @@ Policies:
 * "budget": greedy global allocation: keep the components with the largest share of their
   layer's energy `sigma_i^2 / sum_j sigma_j^2` per parameter `(m + n)` until the budget is spent
   (water-filling of the normalised truncation error; a rankwise policy).
-* "dynamic": D-Rank (card 6) without basis sharing (groups of one layer): per projection type,
+* "dynamic": D-Rank (effective-rank allocation with Lagrange multipliers) without basis sharing (groups of one layer): per projection type,
   `k_l = sqrt(s_l / w_l) P / sum_j sqrt(s_j w_j)` with information density s_l = effective rank
   of the energy distribution `p_i = sigma_i^2 / sum sigma^2` and cost `w_l = m + n`; integer
   repair towards P; a type whose dynamic ranks discard more energy than uniform ones falls back

@@ -4,6 +4,7 @@ A compressor is calibrate-then-solve (as in IST-DASLab/gptq's `add_batch` then s
 
 1. `observe(fqn, module, x)` accumulates running statistics of a layer's inputs x (..., in):
    the Gram `sum x^T x` (fp64), `sum |x|`, `sum x`, token count. Nothing stores activations.
+   (through rankwise.calibrate's `GramAccumulator`, the one accumulator of rankwise);
    `observe_stats(fqn, stats)` adopts statistics captured elsewhere (rankwise.calibrate's
    `LayerStats`, or any object with the same attributes).
 2. `spectrum(fqn, module)` gives the singular values in the compressor's own metric, so that a
@@ -37,11 +38,11 @@ class InputStats:
 
     Attributes:
         gram: `sum_t x_t x_t^T`, (n, n) fp64 (a sum, not a mean; scale is irrelevant to whitening).
-        sum: `sum_t x_t`, (n,) fp64, for centring (AFM, card 8).
-        abs_sum: `sum_t |x_t|`, (n,) fp64, ASVD's activation statistic (card 3).
+        sum: `sum_t x_t`, (n,) fp64, for centring (AFM's output PCA, Yu & Wu 2023).
+        abs_sum: `sum_t |x_t|`, (n,) fp64, ASVD's activation statistic (ASVD, Yuan et al. 2023).
         n_tokens: number of token vectors seen.
         sq_grad: accumulated squared weight gradients (out, in) fp32, the empirical Fisher
-            (FWSVD, card 2); None unless a backward pass provided them.
+            (FWSVD, Hsu et al. 2022); None unless a backward pass provided them.
     """
 
     gram: torch.Tensor | None = None
@@ -52,19 +53,18 @@ class InputStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs x (..., n); fp64 accumulation."""
+        """Add a batch of inputs x (..., n) through rankwise.calibrate's fp64 accumulator."""
+        from rankwise.calibrate import GramAccumulator
+
         if not torch.isfinite(x).all():
             raise ValueError("calibration inputs contain NaN or Inf: check the model and the data")
-        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if self.gram is None:
-            n = flat.shape[1]
-            self.gram = flat.new_zeros(n, n)
-            self.sum = flat.new_zeros(n)
-            self.abs_sum = flat.new_zeros(n)
-        self.gram.addmm_(flat.T, flat)
-        self.sum += flat.sum(0)
-        self.abs_sum += flat.abs().sum(0)
-        self.n_tokens += flat.shape[0]
+        acc = GramAccumulator(x.shape[-1], ("gram", "mean", "abs_mean"), x.device)
+        for have, into in ((self.gram, acc.gram), (self.sum, acc.x_sum), (self.abs_sum, acc.abs_sum)):
+            if have is not None:
+                into.copy_(have)
+        acc.n_tokens = self.n_tokens
+        acc.add(x)
+        self.gram, self.sum, self.abs_sum, self.n_tokens = acc.gram, acc.x_sum, acc.abs_sum, acc.n_tokens
 
     @property
     def mean(self) -> torch.Tensor:
@@ -132,6 +132,11 @@ class ObservedStats:
 
     def observe_stats(self, fqn: str, stats: Any) -> None:
         self.stats_[fqn] = as_input_stats(stats)
+        self._cache.pop(fqn, None)
+
+    def release(self, fqn: str) -> None:
+        """Drop the statistics and cached factorisation of `fqn` (it is compressed)."""
+        self.stats_.pop(fqn, None)
         self._cache.pop(fqn, None)
 
     def forget(self, fqn: str | None = None) -> None:

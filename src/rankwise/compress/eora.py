@@ -1,4 +1,5 @@
-"""EoRA: eigenspace low-rank compensation of any compression error (compression.md card 7).
+"""EoRA: eigenspace low-rank compensation of any compression error (Liu et al. 2024, "EoRA: Training-free Compensation for Compressed LLM with
+Eigenspace Low-Rank Approximation").
 
 Given the original weight W (m, n), a compressed weight W_c and the Gram G of the layer's
 inputs, EoRA adds a rank-r path `B A` that minimises the calibration-weighted error

@@ -1,4 +1,5 @@
-"""Output-feature compression: Atomic Feature Mimicking (AFM, compression.md card 8).
+"""Output-feature compression: Atomic Feature Mimicking (AFM; Yu & Wu 2023, "Compressing
+Transformers: Features Are Low-Rank, but Weights Are Not!").
 
 Instead of the weights, compress a layer's *outputs* y = W x + b with PCA. The output statistics
 follow from the input ones, so no extra capture is needed: with input mean mu_x and covariance
@@ -11,7 +12,7 @@ Keep the top-k eigenvectors U_k of C_y (P = U_k U_k^T) and replace the layer by
     A = U_k^T W  (k, n),   B = U_k  (m, k),   bias = P b + (I - P) mu_y                      (1)
 
 so `B A x + bias = mu_y + P (y - mu_y)`: the exact rank-k PCA reconstruction of the outputs
-(the card's `b1 = U_k^T b`, `b2 = (I - P) mu` folded into B's bias). Its calibration error per
+(the paper's `b1 = U_k^T b`, `b2 = (I - P) mu` folded into B's bias). Its calibration error per
 token is the sum of the discarded eigenvalues of C_y. Without centring (`center=False`) P comes
 from `W G W^T` and AFM coincides with SVD-LLM's Cholesky-whitened truncation: the output PCA
 and the truncation-aware whitening are the same subspace (a property the tests check).

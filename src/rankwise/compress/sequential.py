@@ -5,10 +5,15 @@ The model's repeated blocks (the `nn.ModuleList` holding most target layers: Lla
 
 1. one forward of the model up to block 0 records, per micro-batch, block 0's input hidden
    states and its other arguments (masks, rotary embeddings), then stops;
-2. for block i: forward hooks on block i's target layers accumulate Grams of their inputs
-   (`sum x^T x`, and optionally the cross-Gram `sum x_ref^T x` against the inputs the *original*
-   model sees), the caller compresses block i, and the compressed block is run once more to
-   produce block i+1's inputs.
+2. for block i: rankwise.calibrate's hooks (`InputCollector`, the same fp64 accumulator as the
+   whole-model pass) accumulate statistics of its target layers' inputs (`sum x^T x`, and
+   optionally the cross-Gram `sum x_ref^T x` against the inputs the *original* model sees), the
+   caller compresses block i, and block i produces block i+1's inputs: the compressed block
+   (`propagate="compressed"`, GPTQ / SVD-LLM order) or the original one (`"original"`, which
+   reproduces the whole-model pass one block at a time, what streaming compression needs).
+
+A `BlockLoader` lets the blocks live on disk: the runner asks it to materialise block i before
+running it and to release it after (rankwise.compress.streaming).
 
 Only the hidden states at one block boundary are held (n_seq x seq_len x hidden; 19 MB for
 32 x 256 tokens of SmolLM2), plus one micro-batch of a layer's inputs for the cross-Gram.
@@ -21,34 +26,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from rankwise.calibrate import InputCollector, LayerStats
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockStats", "find_blocks", "run_blockwise"]
+__all__ = ["BlockLoader", "BlockStats", "find_blocks", "run_blockwise"]
 
 
 class _Stop(Exception):
     """Raised by the block-0 pre-hook to end the embedding forward early."""
 
 
-@dataclass
-class BlockStats:
-    """Grams of one target layer's inputs within the current block.
-
-    Attributes:
-        gram: sum x^T x over the current (propagated) inputs, (n, n) fp64.
-        cross: sum x_ref^T x, (n, n) fp64, with x_ref the original model's inputs (or None).
-        n_tokens: tokens seen.
-    """
-
-    gram: torch.Tensor
-    cross: torch.Tensor | None
-    n_tokens: int
+BlockStats = LayerStats  # the statistics handed to `on_block` (kept name)
 
 
 def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[str, nn.ModuleList]:
@@ -131,97 +125,124 @@ def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+class BlockLoader(Protocol):
+    """Where blocks live when the model is not resident (rankwise.compress.streaming).
+
+    `load(i, block)` materialises block i's weights (on the runner's device), `release(i,
+    block)` is called once block i's outputs are computed (write it out, free it), and
+    `inputs_ready(model)` once block 0's inputs are recorded (free the embeddings).
+    """
+
+    def inputs_ready(self, model: nn.Module) -> None: ...
+
+    def load(self, i: int, block: nn.Module) -> None: ...
+
+    def release(self, i: int, block: nn.Module) -> None: ...
+
+
 def run_blockwise(
     model: nn.Module,
     batches: list[Any],
     targets: Mapping[str, nn.Module],
-    on_block: Callable[[int, dict[str, BlockStats]], None],
+    on_block: Callable[[int, dict[str, LayerStats]], None],
     *,
     cross: bool = False,
     progress: bool = True,
+    stats: tuple[str, ...] = ("gram",),
+    share_inputs: bool = False,
+    propagate: str = "compressed",
+    loader: BlockLoader | None = None,
+    device: str | torch.device | None = None,
 ) -> None:
-    """Run the blocks one at a time, calling `on_block(i, stats)` before propagating block i.
+    """Run the blocks one at a time, calling `on_block(i, stats)` for each block.
 
     Args:
         model: the model; targets inside its blocks are processed block by block.
         batches: micro-batches (input_ids tensors or dicts of model inputs).
-        targets: `{fqn: module}` of the layers to collect Grams for.
-        on_block: `on_block(i, {fqn: BlockStats})` may replace block i's modules (through the
-            model); the (possibly modified) block then produces block i+1's inputs.
+        targets: `{fqn: module}` of the layers to collect statistics for.
+        on_block: `on_block(i, {fqn: LayerStats})` may replace block i's modules (through the
+            model). With ``propagate="compressed"`` it runs before block i produces block i+1's
+            inputs (GPTQ / SVD-LLM order: later blocks see the compressed earlier ones); with
+            ``"original"`` after, from the original block's outputs (every block sees the dense
+            model's activations, as a whole-model `capture_input_stats` pass does).
         cross: also collect `sum x_ref^T x` against the original model's inputs; the original
             block is run on the original hidden states first (its modules must be unmodified
             when `on_block` is called).
         progress: show a tqdm bar.
+        stats: input statistics to collect (rankwise.calibrate names, "sq_grad" excluded).
+        share_inputs: one accumulator for layers reading the same tensor (q/k/v, gate/up).
+        propagate: "compressed" or "original" (see `on_block`).
+        loader: a `BlockLoader` for models whose blocks are not resident (meta tensors).
+        device: where hidden states and blocks run (default: where block 0's inputs are).
     """
     from tqdm.auto import tqdm
 
+    if propagate not in ("compressed", "original"):
+        raise ValueError(f"propagate must be 'compressed' or 'original', got {propagate!r}")
+    if cross and propagate == "original":
+        raise ValueError("cross=True compares against the original model: use propagate='compressed'")
     prefix, blocks = find_blocks(model, targets)
     records = _capture_block_inputs(model, blocks[0], batches)
+    if device is not None:
+        records = [_move(r, torch.device(device)) for r in records]
+    if loader is not None:
+        loader.inputs_ready(model)
     hidden = [_hidden_of(a, k) for a, k in records]
     ref_hidden = [h.clone() for h in hidden] if cross else None
     for i in tqdm(range(len(blocks)), desc="blocks", disable=not progress, leave=False):
         block = blocks[i]
+        if loader is not None:
+            loader.load(i, block)
         block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
         local = {f: m for f, m in targets.items() if f.startswith(block_prefix)}
-        stats: dict[str, BlockStats] = {}
-        ref_out: list[torch.Tensor] | None = None
-        if local:
-            stats, ref_out = _collect(block, local, records, hidden, ref_hidden)
-        on_block(i, stats)
-        with torch.no_grad():
-            for b, (args, kwargs) in enumerate(records):
-                a, k = _with_hidden(args, kwargs, hidden[b])
-                hidden[b] = _first(block(*a, **k))
-                if ref_hidden is not None:
-                    if ref_out is not None:
-                        ref_hidden[b] = ref_out[b]  # the original block's output, from _collect
-                    else:  # no targets here: the block is unchanged, run it on the reference
-                        a, k = _with_hidden(args, kwargs, ref_hidden[b])
-                        ref_hidden[b] = _first(block(*a, **k))
+        collector = InputCollector(local, stats, device=hidden[0].device, share_inputs=share_inputs,
+                                   cross=cross)
+        outputs, ref_out = _collect(block, collector, records, hidden, ref_hidden)
+        block_stats = collector.results() if local else {}
+        del collector  # on_block may free each layer's statistics as it goes
+        if propagate == "original":
+            hidden = outputs
+            on_block(i, block_stats)
+        else:
+            on_block(i, block_stats)
+            with torch.no_grad():
+                for b, (args, kwargs) in enumerate(records):
+                    a, k = _with_hidden(args, kwargs, hidden[b])
+                    hidden[b] = _first(block(*a, **k))
+            if ref_hidden is not None:
+                ref_hidden = ref_out
+        block_stats = outputs = ref_out = None  # free this block's statistics before the next
+        if loader is not None:
+            loader.release(i, block)
 
 
-def _collect(block, local, records, hidden, ref_hidden):
-    """Grams (and cross-Grams) of the local targets' inputs over all micro-batches.
+def _collect(block, collector, records, hidden, ref_hidden):
+    """Run `block` on every micro-batch with `collector`'s hooks attached.
 
-    Returns ({fqn: BlockStats}, the original block's outputs on the reference hidden states or
-    None when `ref_hidden` is None).
+    Returns (the block's outputs on `hidden`, its outputs on `ref_hidden` or None). With a
+    reference, each micro-batch first runs on the reference hidden states (recording the
+    layers' reference inputs), then on the current ones (adding Gram and cross-Gram).
     """
-    names = list(local)
-    grams: dict[str, torch.Tensor] = {}
-    crosses: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    saved: dict[str, torch.Tensor] = {}
-    mode = {"ref": False}
+    outputs: list[torch.Tensor] = []
     ref_out: list[torch.Tensor] = []
-
-    def hook(name: str, _mod: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if mode["ref"]:
-            saved[name] = flat
-            return
-        if not torch.isfinite(flat).all():
-            raise ValueError(f"non-finite input to {name!r} during block-wise calibration")
-        g = (flat.T @ flat).double()
-        grams[name] = grams[name] + g if name in grams else g
-        counts[name] += flat.shape[0]
-        if ref_hidden is not None:
-            c = (saved.pop(name).T @ flat).double()
-            crosses[name] = crosses[name] + c if name in crosses else c
-
-    handles = [m.register_forward_pre_hook(lambda mod, a, _n=n: hook(_n, mod, a)) for n, m in local.items()]
-    try:
-        with torch.no_grad():
-            for b, (args, kwargs) in enumerate(records):
-                if ref_hidden is not None:
-                    mode["ref"] = True
+    with collector, torch.no_grad():
+        for b, (args, kwargs) in enumerate(records):
+            collector.set_mask(None)
+            if ref_hidden is not None:
+                with collector.reference():
                     a, k = _with_hidden(args, kwargs, ref_hidden[b])
                     ref_out.append(_first(block(*a, **k)))
-                    mode["ref"] = False
-                a, k = _with_hidden(args, kwargs, hidden[b])
-                block(*a, **k)
-    finally:
-        for h in handles:
-            h.remove()
-    stats = {n: BlockStats(grams[n], crosses.get(n), counts[n]) for n in names}
-    return stats, (ref_out if ref_hidden is not None else None)
+            a, k = _with_hidden(args, kwargs, hidden[b])
+            outputs.append(_first(block(*a, **k)))
+    return outputs, (ref_out if ref_hidden is not None else None)
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    """Tensors inside nested tuples / lists / dicts moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj

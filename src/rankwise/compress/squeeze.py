@@ -1,4 +1,4 @@
-"""LoRA-Squeeze: compress a trained LoRA adapter to a lower rank (compression.md card 11).
+"""LoRA-Squeeze: compress a trained LoRA adapter to a lower rank (LoRA-Squeeze: truncated SVD of the merged update B A, eq. 1 below).
 
 The update of one adapted linear is `Delta W = s B A` (s = lora_alpha / r, B (m, r_src),
 A (r_src, n)). Its best rank-r_t approximation (Eckart-Young) is found without forming the

@@ -5,19 +5,19 @@ Every method here solves, per linear W (m, n),
     min_{rank(W_hat) <= r}  || L (W - W_hat) R ||_F,        W_hat = L^-1 [L W R]_r R^-1
 
 exactly by one SVD of the whitened weight `L W R` (Eckart-Young), then stores
-`B = L^-1 U_r sqrt(S_r)` (m, r) and `A = sqrt(S_r) V_r^T R^-1` (r, n) (compression.md card 0).
+`B = L^-1 U_r sqrt(S_r)` (m, r) and `A = sqrt(S_r) V_r^T R^-1` (r, n) (Eckart-Young-Mirsky).
 The whitener chooses L (m, m diagonal) and R (n, n):
 
-| whitener    | L               | R                                  | method (card)              |
+| whitener    | L               | R                                  | method (paper)             |
 |-------------|-----------------|------------------------------------|----------------------------|
-| "none"      | I               | I                                  | LoRD, plain SVD (1)        |
-| "act-scale" | I               | diag(abs_mean^alpha + 1e-6)        | ASVD, alpha = 0.5 (3)      |
-| "fisher"    | I or diag(...)  | diag(sqrt(sum_i F_ij)^alpha) / I   | FWSVD, axis in/out (2)     |
-| "cholesky"  | I               | chol(G), G = sum x x^T             | SVD-LLM (4)                |
-| "eigh"      | I               | Q diag(sqrt(lambda)), G = Q L Q^T  | SVD-LLM / EoRA factor (7)  |
+| "none"      | I               | I                                  | LoRD, plain SVD            |
+| "act-scale" | I               | diag(abs_mean^alpha + 1e-6)        | ASVD (Yuan 2023), a = 0.5  |
+| "fisher"    | I or diag(...)  | diag(sqrt(sum_i F_ij)^alpha) / I   | FWSVD (Hsu 2022), in/out   |
+| "cholesky"  | I               | chol(G), G = sum x x^T             | SVD-LLM (Wang 2025)        |
+| "eigh"      | I               | Q diag(sqrt(lambda)), G = Q L Q^T  | EoRA (Liu 2024) eq. (1)    |
 
 With a Gram whitener `R R^T = G = X X^T`, so `R^-1 X` has orthonormal rows and
-`||(W - W_hat) X||_F^2 = sum_{i > r} sigma_i(W R)^2` (SVD-LLM's truncation-awareness, card 4):
+`||(W - W_hat) X||_F^2 = sum_{i > r} sigma_i(W R)^2` (SVD-LLM's truncation-awareness):
 the spectrum this compressor reports *is* the calibration loss of each discarded direction,
 which is what the rank allocators in rankwise.compress.allocate consume.
 
@@ -129,14 +129,29 @@ def _gram_factor(gram: torch.Tensor, kind: str, damping: float, eig_floor: float
     """(R, R^-1) with R R^T = G (+ damping), fp64. Cholesky: R lower-triangular."""
     from rankwise import linalg
 
-    g = gram.to(torch.float64)
-    g = 0.5 * (g + g.T)
-    if not torch.isfinite(g).all():
+    if not torch.isfinite(gram).all():
         raise ValueError("the Gram contains NaN or Inf: the calibration activations overflowed")
+    if kind == "cholesky" and gram.dtype == torch.float64:
+        # No copy of our own: rankwise.linalg.cholesky symmetrises (G + G^T) / 2 into its own
+        # fp64 copy; the damping is added to G's diagonal for that call and the saved diagonal
+        # put back exactly. Same numbers as symmetrise-then-damp, one (n, n) matrix fewer (an
+        # n = 5632 Gram is 254 MB: streaming compression counts them).
+        diag = gram.diagonal()
+        saved = diag.clone()
+        try:
+            if damping > 0:
+                diag.add_(damping * saved.mean().clamp_min(1e-300))
+            R = linalg.cholesky_whitener(gram)  # lower, R R^T = G; jitter fallback when singular
+        finally:
+            diag.copy_(saved)
+        return R, linalg.inverse_lower(R)
+    g = gram.to(torch.float64)
+    g = torch.add(g, g.T).mul_(0.5)
     if damping > 0:
-        g = g + damping * g.diagonal().mean().clamp_min(1e-300) * torch.eye(g.shape[0], dtype=g.dtype)
+        g.diagonal().add_(damping * g.diagonal().mean().clamp_min(1e-300))
     if kind == "cholesky":
-        R = linalg.cholesky_whitener(g)  # lower, R R^T = G; jitter fallback when singular
+        R = linalg.cholesky_whitener(g)
+        del g
         return R, linalg.inverse_lower(R)
     return linalg.eigh_whitener(g, eps=eig_floor)  # symmetric root; eigenvalues clamped
 
@@ -229,6 +244,14 @@ class WhitenedSVD(ObservedStats):
         super().forget(fqn)
         if fqn is None:
             self._shared.clear()
+
+    def release(self, fqn: str) -> None:
+        """Drop everything held for `fqn` (statistics, SVD, and its Gram's whitening once no
+        other observed layer shares that Gram): streaming frees each layer as it is done."""
+        super().release(fqn)
+        live = {id(s.gram) for s in self.stats_.values() if s.gram is not None}
+        for key in [k for k in self._shared if k not in live]:
+            del self._shared[key]
 
     def _svd(self, fqn: str, module: nn.Module):
         if fqn in self._cache:

@@ -1,4 +1,5 @@
-"""SVD-LLM's closed-form update ("step 2", compression.md card 4) and its joint form.
+"""SVD-LLM's closed-form update ("step 2" of SVD-LLM, Wang et al.
+ICLR 2025: the least-squares update of the left factor) and its joint form.
 
 After whitened truncation (step 1) every layer was fitted to inputs of the *original* model.
 Once earlier layers are compressed, a layer sees different inputs X (its propagated inputs).

@@ -142,6 +142,30 @@ class RunContext:
 
 
 # ----------------------------------------------------------------------------- 1. compress
+def _streaming_compress_stage(ctx: RunContext, start: float) -> tuple[nn.Module, dict[str, Any]]:
+    """The compress stage block by block from the model's files (rankwise.compress.streaming):
+    one method (no candidate search, which needs the model resident), written and reloaded."""
+    import tempfile
+
+    from rankwise.compress import compress_streaming, load_compressed
+
+    c = ctx.config
+    if c.method == "auto":
+        raise ValueError("streaming compresses with one method: pass method= (e.g. svd_llm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = compress_streaming(c.model, f"{tmp}/compressed", c.method, c.ratio, allocation=c.allocation,
+                                    calibration=c.calibration, n_samples=c.n_samples, seq_len=c.seq_len,
+                                    seed=c.seed, target_modules=list(ctx.targets), tokenizer=ctx.tokenizer,
+                                    progress=False)
+        model = load_compressed(f"{tmp}/compressed")
+    record = {"candidates": [], "method": report.method, "allocation": report.allocation,
+              "calibration": report.calibration, "report": report.to_dict(), "streaming": True}
+    ctx.measure(model, record)
+    record["layers"] = layer_table(model, ctx.targets)
+    record["seconds"] = time.perf_counter() - start
+    return model, record
+
+
 def _candidates(config: ShrinkConfig) -> tuple[list[tuple[str, str]], list[str]]:
     if config.method != "auto":
         from rankwise.compress import get_preset
@@ -159,6 +183,8 @@ def compress_stage(ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
 
     c = ctx.config
     start = time.perf_counter()
+    if getattr(c, "streaming", False):  # set by a config that has the field (issue 18)
+        return _streaming_compress_stage(ctx, start)
     ids, info, stats = ctx.calibration()
     model = ctx.working_copy()
     originals = {f: model.get_submodule(f) for f in ctx.targets}
