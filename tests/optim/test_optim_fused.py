@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rankwise.optim as ro
-from rankwise.optim import functional as F
+from rankwise.optim import functional as ofn
 
 
 def _g(shape, seed):
@@ -23,7 +23,7 @@ def test_residual_norm_from_channel_norms_equals_the_formed_residual(shape, scal
     low = proj.down(g)
     weight = _g((shape[0], 1) if proj.side == "right" else (1, shape[1]), 2).abs()
     direct = ((g - scale * proj.up(low)) * weight).norm()
-    got = F.residual_norm(g, low, proj.side, scale, weight)
+    got = ofn.residual_norm(g, low, proj.side, scale, weight)
     torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-6)
 
 

@@ -41,12 +41,14 @@ def init(
     block_size: int,
     *,
     signed: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Create a zero moment `name` of `shape` stored at `bits` (32 or 8)."""
+    """Create a zero moment `name` of `shape` stored at `bits` (32: a `dtype` tensor, the
+    parameter's dtype by default in the optimizer; or 8: int8 codes + fp32 block scales)."""
     for key in [k for k in state if k == name or k.startswith(_prefix(name))]:
         del state[key]
     if bits == 32:
-        state[name] = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+        state[name] = torch.zeros(tuple(shape), dtype=dtype, device=device)
         return
     numel = math.prod(shape)
     blocks = max(1, math.ceil(numel / block_size))
@@ -63,7 +65,7 @@ def is_quantized(state: dict[str, Any], name: str) -> bool:
 
 
 def read(state: dict[str, Any], name: str) -> torch.Tensor:
-    """The moment as a float32 tensor (the state tensor itself at 32 bits)."""
+    """The moment as a tensor: the state tensor itself at 32 bits, decoded fp32 at 8 bits."""
     if name in state:
         return state[name]
     pre = _prefix(name)
