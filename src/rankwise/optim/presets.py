@@ -215,8 +215,8 @@ def create(
         name: a preset (``rankwise.optim.available()``; dashes allowed).
         model_or_params: a model (GaLore's rule picks the projected matrices, or
             `target_modules`); ``model.named_parameters()`` (the same rule on the names);
-            ``model.parameters()`` or any list of tensors (every 2-D tensor is projected, the
-            rest gets AdamW); or param-group dicts (a group with ``rank``/``rank_fraction``,
+            ``model.parameters()`` or any list of tensors (every 2-D tensor larger than the
+            rank is projected, the rest gets AdamW); or param-group dicts (a group with ``rank``/``rank_fraction``,
             or, when `options` give one, a group of 2-D tensors that does not set
             ``projector``, is projected).
         target_modules: PEFT-style names / regex of the modules to project (models only).
@@ -278,7 +278,8 @@ def _groups_from(items: list[Any], projected: dict[str, Any], name: str,
         rest = [p for _, p in items if p.requires_grad and all(p is not q for q in chosen)]
         groups = _split(chosen, rest, projected)
     elif all(isinstance(x, torch.Tensor) for x in items):  # model.parameters(): 2-D ones
-        mats = [p for p in items if p.ndim == 2 and min(p.shape) > 1]
+        rank = projected.get("rank") or 1  # a matrix no larger than the rank gains nothing
+        mats = [p for p in items if p.ndim == 2 and p.requires_grad and min(p.shape) > rank]
         groups = _split(mats, [p for p in items if all(p is not q for q in mats)], projected)
     else:
         groups = []
