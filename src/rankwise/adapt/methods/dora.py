@@ -85,12 +85,18 @@ class DoRA(LoRABase):
         if not geo.takes_indices:
             x = x.to(dtype)
         x_tilde = self.dropout(x)
-        lora = self.scale * geo.apply_features(geo.apply_in(x_tilde, self.A), self.B)
-        if not (self.training and self.config.dropout > 0):  # W x = base output minus bias
+        lora = geo.apply_features(geo.apply_in(x_tilde, self.A), self.B)
+        if not (self.training and self.config.dropout > 0):
+            # base_out = W x + b, so y = (m/n) ⊙ (W x + s·B A x) + b: two passes over the
+            # output instead of PEFT's five ((m/n − 1) W x + (m/n) s B A x, then + base_out)
+            b = geo.bias()
             wx = geo.without_bias(base_out).to(dtype)
-        else:
-            wx = geo.apply_in(x_tilde, geo.weight().to(dtype))
-        extra = geo.scale_features(wx, factor - 1) + geo.scale_features(lora, factor)
+            y = geo.scale_features(torch.add(wx, lora, alpha=self.scale), factor)
+            if b is not None:
+                y = y + (b.view(1, -1, 1, 1) if geo.kind == "conv2d" else b).to(dtype)
+            return y.to(base_out.dtype)
+        wx = geo.apply_in(x_tilde, geo.weight().to(dtype))
+        extra = geo.scale_features(wx, factor - 1) + geo.scale_features(lora * self.scale, factor)
         return base_out + extra.to(base_out.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
