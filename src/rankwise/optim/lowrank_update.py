@@ -15,6 +15,7 @@ an fp32 copy rounded back stochastically (`precision.round_stochastic_`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,6 +69,11 @@ def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, s
     k = int(state["moment_step"])
     m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     target = _target(w, group)
+    if _fusable(w, g, m, target, group):
+        _fused_adamw(w, g.to(m.dtype), m, v, k, group)
+        qstate.write(state, "exp_avg", m)
+        qstate.write(state, "exp_avg_sq", v)
+        return
     if style == "torch":
         ofn.decoupled_decay_(target, lr, wd)
     ofn.adam_moments_(m, v, g.to(m.dtype), beta1, beta2)
@@ -79,6 +85,34 @@ def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, s
     if style == "galore" and wd:
         target.add_(target, alpha=-lr * wd)
     _commit(w, target, state, seed)
+
+
+def _fusable(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, target: torch.Tensor,
+             group: dict) -> bool:
+    """torch's fused AdamW kernel (one pass over W, G, M, V) applies when the weight is updated
+    in place in the moments' dtype; galore-style decay (after the update) is not its order."""
+    return (hasattr(torch, "_fused_adamw_") and target is w and not dist_.is_dtensor(w)
+            and w.dtype == m.dtype and g.dtype in (m.dtype, torch.float32, torch.bfloat16)
+            and w.is_contiguous() and g.shape == w.shape and w.device.type in ("cpu", "cuda")
+            and (group["adam_style"] == "torch" or not group["weight_decay"]))
+
+
+def _fused_adamw(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, k: int,
+                 group: dict) -> None:
+    """AdamW through ``torch._fused_adamw_`` (the kernel of ``torch.optim.AdamW(fused=True)``).
+
+    The galore style (eps on sqrt(V), bias correction in the step size) is the same update with
+    eps' = eps / sqrt(1 - beta2^k): lr sqrt(bc2)/bc1 * M/(sqrt(V) + eps) =
+    lr/bc1 * M/(sqrt(V)/sqrt(bc2) + eps/sqrt(bc2)).
+    """
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+    if group["adam_style"] == "galore":
+        eps = eps / math.sqrt(1.0 - beta2**k)
+    step = torch.tensor(float(k), device=w.device)
+    torch._fused_adamw_([w], [g.contiguous()], [m], [v], [], [step], lr=group["lr"],
+                        beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=eps,
+                        amsgrad=False, maximize=False)
 
 
 def lowrank_step(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict,
@@ -142,10 +176,19 @@ def adam_delta(g: torch.Tensor, low: torch.Tensor, proj: Projector, group: dict,
     beta1, beta2 = group["betas"]
     m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     low_m = low.to(m.dtype)
+    scale = group["scale"]
+    if group["scaling"] is None and group["residual"] == "drop" and hasattr(
+            torch, "_fused_adamw_") and low_m.device.type in ("cpu", "cuda"):
+        # GaLore: the low-rank step is AdamW's update of a zero "parameter" (one fused pass
+        # over M, V, R instead of eight); scale folds into the lr
+        step = torch.zeros_like(low_m)
+        _fused_adamw(step, low_m.contiguous(), m, v, k,
+                     {**group, "lr": group["lr"] * scale, "weight_decay": 0.0})
+        _write_moments(state, m, v)
+        return None, 1.0, None, step.to(g.dtype)
     ofn.adam_moments_(m, v, low_m, beta1, beta2)
     denom, eta = ofn.adam_denom(v, k, lr=group["lr"], beta1=beta1, beta2=beta2,
                                 eps=group["eps"], style=group["adam_style"])
-    scale = group["scale"]
     if group["scaling"] is None and group["residual"] == "drop":
         # (-eta * M) / denom, then up: the same arithmetic as torch's addcdiv, so an
         # identity projector reproduces torch.optim.AdamW bit for bit.
