@@ -71,7 +71,7 @@ def read(state: dict[str, Any], name: str) -> torch.Tensor:
     pre = _prefix(name)
     codes, scales = state[pre + "codes"], state[pre + "scales"]
     shape = tuple(int(d) for d in state[pre + "shape"].tolist())
-    y = codes.to(torch.float32).mul_(scales[:, None])  # the companded value, one allocation
+    y = torch.mul(codes, scales[:, None])  # int8 x fp32 -> fp32: decode in one kernel
     y = y.view(-1)[: math.prod(shape)].view(shape)
     if name.endswith("_sq"):
         return y.square_().square_()  # V = (V^(1/4))^4
@@ -96,7 +96,7 @@ def write(state: dict[str, Any], name: str, value: torch.Tensor) -> None:
         mag = y
     else:
         mag = y.abs().sqrt_()  # sqrt|M|
-        y = mag.mul(y.sign())
+        y = torch.copysign(mag, y)  # sign(M) sqrt|M| in one kernel
     pad = codes.numel() - y.numel()
     if pad:
         y = torch.cat([y, y.new_zeros(pad)])
