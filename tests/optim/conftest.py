@@ -8,7 +8,7 @@ from torch import nn
 
 
 class Tiny(nn.Module):
-    """Names follow the card-0 rule: *attn* and *mlp* linears are projected, the rest not."""
+    """Names follow GaLore's rule: *attn* and *mlp* linears are projected, the rest not."""
 
     def __init__(self) -> None:
         super().__init__()

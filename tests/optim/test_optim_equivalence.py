@@ -1,6 +1,6 @@
-"""Exact equivalences of the projected optimizers with their full-rank rules (cards 0-7).
+"""Exact equivalences of the projected optimizers with their full-rank rules (GaLore, Fira, FRUGAL, APOLLO).
 
-Adam is not rotation-equivariant (card 0): only the identity or a signed permutation makes
+Adam is not rotation-equivariant (its update is elementwise): only the identity or a signed permutation makes
 projected Adam equal AdamW; SGD-momentum is linear, so any full-rank orthogonal P does.
 """
 
@@ -107,7 +107,7 @@ def test_full_rank_orthogonal_projector_with_sgd_momentum_equals_sgd(shape):
 
 
 def test_full_rank_orthogonal_projector_with_adam_is_not_adamw():
-    """The card-0 caveat, as a guard: a rotated Adam must differ from AdamW."""
+    """The rotation caveat, as a guard: a rotated Adam must differ from AdamW."""
     ref = _run(lambda w: torch.optim.AdamW([w], lr=1e-2), (12, 8))
     got = _run(lambda w: ro.LowRankOptimizer(
         [{"params": [w], "projector": "random_orthogonal", "rank": 8}], lr=1e-2))

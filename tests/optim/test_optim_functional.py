@@ -1,4 +1,4 @@
-"""The pure update rules: limiter, channel scaling, moment rotation (cards 3, 5, 7)."""
+"""The pure update rules: limiter, channel scaling, moment rotation (Fira eq. 6, APOLLO §3, DCT-AdamW §3)."""
 
 from __future__ import annotations
 

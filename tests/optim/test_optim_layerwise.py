@@ -1,4 +1,4 @@
-"""Layer-wise updates from gradient hooks equal the fused step (GaLore card 1, test 4)."""
+"""Layer-wise updates from gradient hooks equal the fused step (GaLore, Zhao et al. 2024, §4.2)."""
 
 from __future__ import annotations
 

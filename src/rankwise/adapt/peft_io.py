@@ -81,10 +81,11 @@ def _peft_tensors(fqn: str, method: AdapterMethod, geo: Geometry, A: torch.Tenso
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str = "lora") -> Path:
-    """Write `model`'s adapters as a PEFT LoRA adapter directory; returns the path.
+    """Write `model`'s adapters as a PEFT adapter directory; returns the path.
 
     Args:
-        model: a model adapted with lora, rslora, dora or pissa (one kind for all layers).
+        model: a model adapted with lora, rslora, dora, pissa, eva, vera or adalora (one kind
+            for all layers).
         path: output directory.
         pissa_as: "lora" (rank-2r LoRA on the original base) or "pissa" (native; see module doc).
     """
@@ -136,6 +137,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
             rank, alpha = 2 * rank, alpha * (math.sqrt(2) if use_rslora else 2.0)
         tensors.update(_peft_tensors(fqn, m, layer.geometry, A.clone(), B.clone()))
         ranks[fqn], alphas[fqn] = rank, alpha
+    config = _lora_config(model, layers, cls, convert, use_rslora, dropout, ranks, alphas)
+    return _write(path, config, tensors)
+
+
+def _lora_config(model: nn.Module, layers: dict[str, AdapterLayer], cls: type, convert: bool,
+                 use_rslora: bool, dropout: float, ranks: dict[str, int],
+                 alphas: dict[str, float]) -> dict[str, Any]:
+    """PEFT's LoraConfig fields for the exported layers (patterns only where layers differ)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     a = Counter(alphas.values()).most_common(1)[0][0]
     kinds_present = {layer.geometry.kind for layer in layers.values()}
@@ -164,7 +173,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
         c = next(iter(layers.values())).adapter.config
         config["eva_config"] = {"rho": c.rho, "whiten": c.whiten,
                                 "adjust_scaling_factors": c.adjust_scaling_factors}
-    return _write(path, config, tensors)
+    return config
 
 
 def _export_native(model: nn.Module, layers: dict[str, AdapterLayer]) -> tuple | None:
