@@ -26,7 +26,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     if not tensors:
         return True
     local = [dist_.local(t) for t in tensors]
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in local])
+    dev = local[0].device  # (a model split across devices: the sums meet on the first one)
+    sums = torch.stack([t.sum(dtype=torch.float32).to(dev, non_blocking=True) for t in local])
     bad = (~torch.isfinite(sums)).any()
     if any(dist_.is_dtensor(t) for t in tensors):  # pragma: no cover - needs a process group
         import torch.distributed as dist
