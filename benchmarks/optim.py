@@ -12,6 +12,10 @@ Two parts (results in benchmarks/results/optim.{json,md,png}):
    separate: the loss curve of every optimizer (plotted), and the measurement of the Adam-moment
    policy on subspace change (keep / reproject / reset) that sets rankwise's default.
 
+3. Optimizer-state bytes after one step on SmolLM2 in bf16 and in fp32 (state follows the
+   parameter dtype; one row with ``state_dtype=torch.float32``), vs torch AdamW on the same
+   model. ``--smollm-only`` reruns parts 1 and 3 and keeps the JSON's tiny-Llama part.
+
 Rank is d/4 per matrix (``rank_fraction=0.25`` of min(m, n)); galore-torch gets one group per
 distinct rank so it sees the same ranks. Run: ``.venv/bin/python benchmarks/optim.py``
 (``--quick`` for a smoke run).
