@@ -48,6 +48,7 @@ T_AMORTISE = 200
 RANK_FRACTION = 0.25
 VOCAB = 2048
 TARGETS: str | None = None  # None: every attn/mlp linear; --quick: a regex over two layers
+LABELS: list[str] | None = None  # --labels: a subset of make_optimizers' rows
 
 
 def _trim() -> None:
@@ -97,7 +98,7 @@ def make_optimizers(lr_scale: float = 1.0) -> dict[str, Callable[[nn.Module], An
                              **extra, **kw)
         return build
 
-    return {
+    table = {
         "torch AdamW": torch_adamw,
         "galore-torch GaLoreAdamW": galore_torch,
         "galore_adamw (svd)": preset("galore_adamw", lr=1e-2),
@@ -114,6 +115,10 @@ def make_optimizers(lr_scale: float = 1.0) -> dict[str, Callable[[nn.Module], An
         "apollo_mini": preset("apollo_mini", lr=1e-2),
         "dct_adamw": preset("dct_adamw", lr=2e-3),
     }
+    if LABELS is None:
+        return table
+    keep = {"torch AdamW", "galore-torch GaLoreAdamW", *LABELS}
+    return {k: v for k, v in table.items() if k in keep}
 
 
 def _state_bytes(opt: Any, params: list[nn.Parameter]) -> int:
@@ -417,7 +422,7 @@ def bench_state_dtypes(seq_len: int = 16) -> dict[str, Any]:
         model(input_ids=ids, labels=ids).loss.backward()
         projected = _projected(model)
         rows: dict[str, Any] = {}
-        for label in BF16_LABELS:
+        for label in [k for k in BF16_LABELS if k in factories]:
             _trim()
             opt = factories[label](model)
             opt.step()
@@ -737,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rerun the SmolLM2 part and the bf16/fp32 state bytes only, keeping "
                          "OUT/optim.json's tiny-Llama and 8-bit-moment parts")
     ap.add_argument("--steps", type=int, default=4, help="SmolLM2 steps per optimizer")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved refresh-timing rounds")
+    ap.add_argument("--labels", nargs="+", default=None,
+                    help="only these optimizers (torch AdamW and galore-torch always run)")
     ap.add_argument("--from-json", action="store_true",
                     help="rebuild optim.md/png and the goals from OUT/optim.json (no runs)")
     args = ap.parse_args(argv)
@@ -750,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             keys = [k for k in order if k in opts] + [k for k in opts if k not in order]
             res[part]["optimizers"] = {k: opts[k] for k in keys}
         return _write_outputs(res, args.out)
-    global TARGETS
+    global TARGETS, LABELS
+    LABELS = args.labels
     if args.quick:
         TARGETS = r"model\.layers\.[01]\.(self_attn|mlp)\.\w+_proj"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -760,8 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         res = json.loads((args.out / "optim.json").read_text())
-        res["smollm2"] = bench_smollm(steps=args.steps, seq_len=64, batch_size=2, repeat=3,
-                                      rounds=args.rounds)
+        res["smollm2"] = bench_smollm(steps=args.steps, seq_len=64, batch_size=2,
+                                      repeat=args.repeat, rounds=args.rounds)
         res["state_dtypes"] = bench_state_dtypes()
         res["machine"] = (f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
                           "shared with ~8 concurrent jobs (load average ~20 on 2 cores): "
