@@ -354,7 +354,7 @@ def dora_section(c: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered one")
     p.add_argument("--tasks", nargs="+", default=["fortunes", "python-docs"])
@@ -377,7 +377,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dora-only", action="store_true",
                    help="only the DoRA-vs-PEFT comparison, merged into OUT/adapt.json")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
     if args.quick:
         args.cls_steps, args.lm_steps, args.peft_steps, args.infer_repeats = 4, 3, 4, 2
         args.methods = args.methods or ["lora", "dora"]
