@@ -18,11 +18,13 @@ load hits both alike. Reported: both loss curves (plot), the ratio of median ste
 the ratio of training memory (measured: parameters, gradients and optimizer state after the
 backward pass via `rankwise.profiling`, plus saved activations; on CUDA also the allocator's
 peak). Merged inference: the forward time of the LoRA model after `merge_and_unload` over the
-base model's, interleaved (goal: 1.0).
+base model's, interleaved (goal: 1.0). DoRA vs PEFT: the training step of rankwise DoRA, PEFT
+DoRA and rankwise LoRA (the floor) on every linear projection of SmolLM2, side by side.
 
     .venv/bin/python benchmarks/adapt.py --threads 1            # ~35 min on a busy 2-core box
     .venv/bin/python benchmarks/adapt.py --methods dora vera    # rerun a subset (merged in)
     .venv/bin/python benchmarks/adapt.py --quick                # smoke run
+    .venv/bin/python benchmarks/adapt.py --dora-only            # DoRA vs PEFT, merged in
 
 Writes benchmarks/results/adapt.{json,md,png} (tables and plot: `adapt_report.py`).
 """
@@ -289,8 +291,70 @@ def merged_speed(model: torch.nn.Module, base: torch.nn.Module, data: Any,
             "adapter_over_base": med["adapter"] / med["base"]}
 
 
+# ----------------------------------------------------------------------------- DoRA vs PEFT
+DORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def dora_vs_peft(base: torch.nn.Module, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Training-step time of rankwise DoRA vs PEFT DoRA (and rankwise LoRA, the floor: DoRA
+    adds the row norm and the magnitude to it), SmolLM2-135M, rank 8 on every linear
+    projection, the same initial factors (ours exported to PEFT), the same batches, one AdamW
+    each; steps taken in rotating order so machine load hits all alike."""
+    from peft import PeftModel
+
+    ours = copy.deepcopy(base)
+    adapt.adapt_(ours, "dora", rank=args.rank, target_modules=DORA_TARGETS, seed=0)
+    with torch.no_grad():  # trained-like factors: B != 0
+        for layer in adapt.adapter_layers(ours).values():
+            layer.adapter.B.normal_(std=0.01, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        adapt.export_peft(ours, tmp)
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp, is_trainable=True)
+    lora = copy.deepcopy(base)
+    adapt.adapt_(lora, "lora", rank=args.rank, target_modules=DORA_TARGETS, seed=0)
+    models = {"rankwise dora": ours, "peft dora": theirs, "rankwise lora": lora}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    losses: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for step in range(args.dora_steps):
+        ids = data.train[(step * args.lm_batch) % len(data.train):][: args.lm_batch]
+        for k in names[step % 3:] + names[: step % 3]:
+            models[k].train()
+            t0 = time.perf_counter()
+            loss = models[k](input_ids=ids, labels=ids).loss
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            times[k].append(time.perf_counter() - t0)
+            losses[k].append(float(loss.detach()))
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"targets": DORA_TARGETS, "rank": args.rank, "steps": args.dora_steps,
+            "batch": [args.lm_batch, args.lm_seq], "median_step_seconds": med,
+            "step_time_ratio": med["rankwise dora"] / med["peft dora"],
+            "lora_floor_ratio": med["rankwise lora"] / med["peft dora"],
+            "max_loss_difference": max(abs(a - b) for a, b in zip(
+                losses["rankwise dora"], losses["peft dora"], strict=True))}
+
+
+def dora_section(c: dict[str, Any]) -> str:
+    med = c["median_step_seconds"]
+    return "\n".join([
+        "## DoRA: rankwise vs PEFT (side by side, same init and data)", "",
+        f"SmolLM2-135M, DoRA rank {c['rank']} on {', '.join(c['targets'])}, "
+        f"{c['batch'][0]} x {c['batch'][1]} tokens, {c['steps']} steps taken in rotating "
+        "order in one process (shared 2-core machine: the ratio is what counts).", "",
+        "| | median step s | x PEFT DoRA |", "|---|---|---|",
+        *(f"| {k} | {v:.3f} | {v / med['peft dora']:.3f} |" for k, v in med.items()),
+        "", f"Goal: rankwise DoRA <= 0.7x PEFT DoRA: {c['step_time_ratio']:.2f}x "
+        f"({'met' if c['step_time_ratio'] <= 0.7 else 'missed'}); rankwise LoRA on the same "
+        f"layers, the floor any DoRA can reach, is {c['lora_floor_ratio']:.2f}x. Loss curves "
+        f"agree to {c['max_loss_difference']:.1e}.", ""])
+
+
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered one")
     p.add_argument("--tasks", nargs="+", default=["fortunes", "python-docs"])
@@ -309,8 +373,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--method-timeout", type=float, default=600.0,
                    help="seconds one method may take before it is recorded as failed")
     p.add_argument("--quick", action="store_true", help="a few steps, a few methods")
+    p.add_argument("--dora-steps", type=int, default=8)
+    p.add_argument("--dora-only", action="store_true",
+                   help="only the DoRA-vs-PEFT comparison, merged into OUT/adapt.json")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
     if args.quick:
         args.cls_steps, args.lm_steps, args.peft_steps, args.infer_repeats = 4, 3, 4, 2
         args.methods = args.methods or ["lora", "dora"]
@@ -321,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = args.methods or adapt.list_methods()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "adapt.json"
+    if args.dora_only:
+        return _dora_only(args, path)
     previous = json.loads(path.read_text()) if args.methods and path.exists() else None
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
                                "methods": [], "lora_vs_peft": {}}
@@ -365,9 +438,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from adapt_report import plot, write_report  # benchmarks/adapt_report.py, beside this file
 
     write_report(results, args.out)
+    if "dora_vs_peft" in results:
+        with open(args.out / "adapt.md", "a") as f:
+            f.write("\n" + dora_section(results["dora_vs_peft"]))
     plot(results, args.out)
     path.with_suffix(".partial.json").unlink(missing_ok=True)
     log.info("done in %.0f s: %s", results["seconds"], args.out / "adapt.md")
+    return results
+
+
+def _dora_only(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    from rankwise.models import load_model, load_tokenizer
+
+    results = json.loads(path.read_text()) if path.exists() else {"methods": []}
+    data = prepare_data("python-docs", load_tokenizer(MODELS["python-docs"]), seq_len=args.lm_seq,
+                        train_tokens=65_536, eval_tokens=args.eval_tokens)
+    results["dora_vs_peft"] = dora_vs_peft(load_model(MODELS["python-docs"]), data, args)
+    write_json(path, results)
+    from adapt_report import write_report
+
+    write_report(results, args.out)
+    with open(args.out / "adapt.md", "a") as f:
+        f.write("\n" + dora_section(results["dora_vs_peft"]))
+    log.info("%s", dora_section(results["dora_vs_peft"]))
     return results
 
 

@@ -168,3 +168,83 @@ def test_embedding_conv1d_conv2d_layouts_match_peft(tmp_path, toy, inputs, pertu
     back = adapt.import_peft(fresh(), tmp_path / "theirs")
     for a, b in zip(ours, back(*inputs), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ VeRA, AdaLoRA, EVA
+
+
+def _both_ways(tmp_path, make_llama, model, expect_type):
+    """Our adapter -> PEFT's loader (equal logits) -> PEFT's save -> ours (equal logits)."""
+    ours = logits(model)
+    assert (ours - logits(make_llama())).abs().max() > 0.01  # the adapter matters
+    adapt.export_peft(model, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == expect_type
+    theirs = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs), ours, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = adapt.import_peft(make_llama(), tmp_path / "theirs")
+    torch.testing.assert_close(logits(back), ours, rtol=1e-5, atol=1e-5)
+    return cfg, back
+
+
+def test_vera_round_trip_through_peft(tmp_path, make_llama, perturb):
+    model = make_llama()
+    adapt.adapt_(model, "vera", rank=8, projection_prng_key=3, target_modules=TARGETS)
+    perturb(model)
+    cfg, back = _both_ways(tmp_path, make_llama, model, "VERA")
+    assert cfg["projection_prng_key"] == 3 and cfg["save_projection"]
+    assert {layer.adapter.preset for layer in adapt.adapter_layers(back).values()} == {"vera"}
+
+
+def test_peft_vera_with_a_foreign_basis_is_refused(tmp_path, make_llama):
+    theirs = peft.get_peft_model(make_llama(), peft.VeraConfig(r=8, target_modules=TARGETS))
+    with torch.no_grad():
+        theirs.base_model.vera_A["default"].add_(1.0)  # no longer the key's draw
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not PEFT's draw"):
+        adapt.import_peft(make_llama(), tmp_path)
+
+
+def test_adalora_round_trip_through_peft(tmp_path, make_llama, perturb):
+    model = make_llama()
+    adapt.adapt_(model, "adalora", rank=6, target_rank=3, alpha=4.0, total_step=10,
+                 target_modules=TARGETS)
+    perturb(model)
+    with torch.no_grad():  # a budgeted adapter: two triplets of one layer masked
+        next(iter(adapt.adapter_layers(model).values())).adapter.E[:2] = 0.0
+    cfg, back = _both_ways(tmp_path, make_llama, model, "ADALORA")
+    assert cfg["init_r"] == 6 and cfg["lora_alpha"] == 4.0
+
+
+def test_peft_adalora_after_budgeting_loads_in_ours(tmp_path, make_llama):
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=4, total_step=10,
+                                target_modules=TARGETS)
+    theirs = peft.get_peft_model(make_llama(), config).eval()
+    perturb_peft(theirs)
+    key = next(n for n, _ in theirs.named_parameters() if "lora_E" in n)
+    mask = [True, False, True, True, False, True]
+    theirs.peft_config["default"].rank_pattern = {
+        key.removeprefix("base_model.model."): mask}  # what update_and_allocate leaves
+    with torch.no_grad():
+        dict(theirs.named_parameters())[key][[1, 4]] = 0.0
+    expected = logits(theirs)
+    theirs.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert any(sum(v) == 4 for v in saved["rank_pattern"].values())  # tensors stored at rank 4
+    model = adapt.import_peft(make_llama(), tmp_path)
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eva_exports_as_peft_eva_with_rank_and_alpha_patterns(tmp_path, make_llama, perturb):
+    model = make_llama()
+    data = [{"input_ids": IDS}]
+    adapt.adapt_(model, "eva", rank=4, alpha=8.0, rho=2.0, target_modules=TARGETS, data=data)
+    perturb(model)
+    ranks = {f: lay.adapter.eva_rank for f, lay in adapt.adapter_layers(model).items()}
+    assert len(set(ranks.values())) > 1  # the ranks were redistributed
+    cfg, back = _both_ways(tmp_path, make_llama, model, "LORA")
+    assert cfg["init_lora_weights"] == "eva"
+    nonzero = {f: r for f, r in ranks.items() if r}
+    for fqn, layer in adapt.adapter_layers(back).items():
+        assert layer.adapter.config.rank == nonzero[fqn]

@@ -36,7 +36,7 @@ def test_unknown_names_are_refused_with_the_choices():
         ro.LowRankOptimizer([{"params": [w], "rnak": 2}])
     with pytest.raises(ValueError, match="moment_policy"):
         ro.LowRankOptimizer([w], moment_policy="forget")
-    with pytest.raises(ValueError, match="preset 'galore' is unknown"):
+    with pytest.raises(ValueError, match="unknown optimizer 'galore'"):
         ro.create("galore", [w])
 
 

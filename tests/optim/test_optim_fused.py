@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rankwise.optim as ro
-from rankwise.optim import functional as F
+from rankwise.optim import functional as ofn
 
 
 def _g(shape, seed):
@@ -23,7 +23,7 @@ def test_residual_norm_from_channel_norms_equals_the_formed_residual(shape, scal
     low = proj.down(g)
     weight = _g((shape[0], 1) if proj.side == "right" else (1, shape[1]), 2).abs()
     direct = ((g - scale * proj.up(low)) * weight).norm()
-    got = F.residual_norm(g, low, proj.side, scale, weight)
+    got = ofn.residual_norm(g, low, proj.side, scale, weight)
     torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_fira_with_a_quantised_basis_equals_equation_6_with_the_formed_residual(
     proj.update(grads[0], 0)
     low, c = proj.down(grads[1]), _g((shape[0], 1) if proj.side == "right" else (1, shape[1]), 2)
     formed = (proj.residual(grads[1], low * 0.25) * c.abs()).norm()
-    shortcut = F.residual_norm(grads[1], low, proj.side, 0.25, c.abs())
+    shortcut = ofn.residual_norm(grads[1], low, proj.side, 0.25, c.abs())
     assert abs(float(shortcut / formed) - 1) > 1e-4  # the shortcut would be measurably off
 
     w0 = _g(shape, 4)

@@ -7,6 +7,7 @@ import torch
 
 import rankwise.optim as ro
 from rankwise.optim import qstate
+from rankwise.optim.lowrank_update import on_refresh
 
 
 def _g(shape, seed):
@@ -56,7 +57,7 @@ def test_reproject_for_dct_keeps_moments_of_columns_in_both_subspaces():
     proj = opt.projector_for(w)
     old_basis = proj.basis().clone()
     proj.update(_g((12, 8), 50), 2)
-    opt._on_refresh(proj, opt.param_groups[0], st, old_basis, w.device)
+    on_refresh(proj, opt.param_groups[0], st, old_basis, w.device, torch.float32)
     new_idx = st["proj_idx"].tolist()
     for j, col in enumerate(new_idx):
         expected = old_m[:, old_idx.index(col)] if col in old_idx else torch.zeros(12)

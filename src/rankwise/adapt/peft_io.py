@@ -1,4 +1,4 @@
-"""Export and import LoRA, rsLoRA, DoRA and PiSSA adapters in PEFT's on-disk format.
+"""Export and import LoRA, rsLoRA, DoRA, PiSSA, EVA, VeRA and AdaLoRA adapters in PEFT's format.
 
 PEFT's format (peft ``PeftModel.save_pretrained``; read in peft 0.21): a directory with
 
@@ -12,7 +12,11 @@ PEFT's format (peft ``PeftModel.save_pretrained``; read in peft 0.21): a directo
 
 These are our (out, in)-layout factors under other names, so LoRA/rsLoRA/DoRA convert exactly.
 We write ``target_modules`` as the exact layer names, and ``rank_pattern`` / ``alpha_pattern``
-only when layers differ.
+only when layers differ. EVA (Paischer et al. 2024) is a LoRA with data-chosen per-layer ranks:
+it is written as PEFT writes it, ``init_lora_weights="eva"`` with ``rank_pattern`` and
+``alpha_pattern`` (alpha_l = scale_l * rank_l; layers given rank 0 are left out, PEFT has no
+empty LoRA), and read back as per-layer LoRA adapters (the same ΔW). VeRA and AdaLoRA have
+their own PEFT formats (`peft_formats.py`).
 
 PiSSA (PEFT mutates the base weight to W_res, adapters.md §3). Both directions work from the
 *original* base weights:
@@ -24,7 +28,9 @@ PiSSA (PEFT mutates the base weight to W_res, adapters.md §3). Both directions 
 * ``pissa_as="pissa"``: native, ``init_lora_weights="pissa"`` with the trained A, B. Given the
   original base, ``PeftModel.from_pretrained`` re-runs its SVD to rebuild W_res and then loads
   A, B; we do the same on import. Exact SVD only (a ``pissa_niter_K`` init is randomized and
-  cannot be rebuilt: convert it to LoRA instead).
+  cannot be rebuilt: convert it to LoRA instead). Our ``niter=K`` is not PEFT's
+  ``pissa_niter_K`` either: we oversample the randomized SVD (rankwise.linalg), so it is closer
+  to the exact SVD than PEFT's, but not equal to it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.layer import AdapterLayer
 from rankwise.adapt.method import AdapterMethod
 from rankwise.adapt.methods.dora import DoRA
+from rankwise.adapt.methods.eva import EVA
 from rankwise.adapt.methods.lora import LoRA, LoRAConfig
 from rankwise.adapt.methods.pissa import PiSSA, PiSSAConfig
 from rankwise.adapt.serialization import install_layers
@@ -73,10 +80,11 @@ def _peft_tensors(fqn: str, method: AdapterMethod, geo: Geometry, A: torch.Tenso
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str = "lora") -> Path:
-    """Write `model`'s adapters as a PEFT LoRA adapter directory; returns the path.
+    """Write `model`'s adapters as a PEFT adapter directory; returns the path.
 
     Args:
-        model: a model adapted with lora, rslora, dora or pissa (one kind for all layers).
+        model: a model adapted with lora, rslora, dora, pissa, eva, vera or adalora (one kind
+            for all layers).
         path: output directory.
         pissa_as: "lora" (rank-2r LoRA on the original base) or "pissa" (native; see module doc).
     """
@@ -85,15 +93,19 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no adapter layers; call adapt_ first")
+    native = _export_native(model, layers)
+    if native is not None:
+        return _write(path, *native)
     kinds = set()
     for fqn, layer in layers.items():
         m = layer.adapter
-        if type(m) not in (LoRA, DoRA, PiSSA):
+        if type(m) not in (LoRA, DoRA, PiSSA, EVA):
             raise ValueError(
-                f"layer {fqn!r} uses method {m.name!r}, which PEFT's LoRA format cannot hold "
-                "(it holds lora, rslora, dora, pissa): use rankwise.adapt.save_adapter"
+                f"layer {fqn!r} uses method {m.name!r}, which PEFT's formats cannot hold "
+                "(they hold lora, rslora, dora, pissa, eva, vera, adalora): use "
+                "rankwise.adapt.save_adapter"
             )
-        kinds.add((type(m), m.config.use_rslora, m.config.dropout))
+        kinds.add((type(m), getattr(m.config, "use_rslora", False), m.config.dropout))
     if len(kinds) > 1:
         raise ValueError(
             "PEFT's config is global but these layers differ in method, use_rslora or dropout "
@@ -110,16 +122,28 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    if cls is EVA:  # rank-0 layers: PEFT has no empty LoRA (they change nothing)
+        layers = {f: lay for f, lay in layers.items() if lay.adapter.eva_rank > 0}
     for fqn, layer in layers.items():
         m = layer.adapter
         A, B = m.A.detach(), m.B.detach()
         rank, alpha = m.config.rank, float(m.config.alpha)
+        if cls is EVA:
+            rank, alpha = m.eva_rank, float(m.scale) * m.eva_rank
         if convert:
             A = torch.cat([A, m.A_init], dim=0)  # (2r, in)
             B = torch.cat([B, -m.B_init], dim=1)  # (out, 2r)
             rank, alpha = 2 * rank, alpha * (math.sqrt(2) if use_rslora else 2.0)
         tensors.update(_peft_tensors(fqn, m, layer.geometry, A.clone(), B.clone()))
         ranks[fqn], alphas[fqn] = rank, alpha
+    config = _lora_config(model, layers, cls, convert, use_rslora, dropout, ranks, alphas)
+    return _write(path, config, tensors)
+
+
+def _lora_config(model: nn.Module, layers: dict[str, AdapterLayer], cls: type, convert: bool,
+                 use_rslora: bool, dropout: float, ranks: dict[str, int],
+                 alphas: dict[str, float]) -> dict[str, Any]:
+    """PEFT's LoraConfig fields for the exported layers (patterns only where layers differ)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     a = Counter(alphas.values()).most_common(1)[0][0]
     kinds_present = {layer.geometry.kind for layer in layers.values()}
@@ -133,7 +157,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
         "lora_dropout": dropout,
         "use_rslora": use_rslora,
         "use_dora": cls is DoRA,
-        "init_lora_weights": "pissa" if (cls is PiSSA and not convert) else True,
+        "init_lora_weights": ("pissa" if (cls is PiSSA and not convert)
+                              else "eva" if cls is EVA else True),
         "target_modules": sorted(layers),
         "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != a},
@@ -143,6 +168,36 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str], *, pissa_as: str
         "modules_to_save": None,
         "inference_mode": True,
     }
+    if cls is EVA:
+        c = next(iter(layers.values())).adapter.config
+        config["eva_config"] = {"rho": c.rho, "whiten": c.whiten,
+                                "adjust_scaling_factors": c.adjust_scaling_factors}
+    return config
+
+
+def _export_native(model: nn.Module, layers: dict[str, AdapterLayer]) -> tuple | None:
+    """(config, tensors) in PEFT's VeRA or AdaLoRA format, or None for the LoRA family."""
+    from rankwise.adapt import peft_formats
+    from rankwise.adapt.methods.adalora import AdaLoRA
+    from rankwise.adapt.methods.vera import VeRA
+
+    kinds = {type(layer.adapter) for layer in layers.values()}
+    for cls, export in ((VeRA, peft_formats.export_vera), (AdaLoRA, peft_formats.export_adalora)):
+        if cls in kinds:
+            if len(kinds) > 1:
+                raise ValueError(f"PEFT's {cls.__name__} format holds one method, but the model "
+                                 f"mixes {sorted(k.__name__ for k in kinds)}: export one kind at "
+                                 "a time")
+            config, tensors = export(layers)
+            name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            return {"task_type": None, "base_model_name_or_path": name,
+                    "inference_mode": True, **config}, tensors
+    return None
+
+
+def _write(path: str | os.PathLike[str], config: dict[str, Any],
+           tensors: dict[str, torch.Tensor]) -> Path:
+    """Publish the directory atomically (temp sibling + rename)."""
     out = Path(path)
     with io.publish_dir(out) as tmp:  # atomic; rankwise_manifest.json: checksums (PEFT ignores it)
         io.save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -185,10 +240,12 @@ def _group_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, d
 
 def _check_config(cfg: dict[str, Any], source: str) -> str:
     """Validate a PEFT config and return the rankwise method name it maps to."""
+    if cfg.get("peft_type") in ("VERA", "ADALORA"):
+        return cfg["peft_type"].lower()
     if cfg.get("peft_type") != "LORA":
         raise ValueError(
             f"{source} is a PEFT {cfg.get('peft_type')!r} adapter: import_peft reads LORA "
-            "adapters (LoRA, rsLoRA, DoRA, PiSSA)"
+            "(LoRA, rsLoRA, DoRA, PiSSA, EVA), VERA and ADALORA adapters"
         )
     for field_, ok in (("bias", "none"), ("lora_bias", False), ("modules_to_save", None)):
         if cfg.get(field_, ok) not in (ok, [], {}):
@@ -217,7 +274,8 @@ def _check_config(cfg: dict[str, Any], source: str) -> str:
 def import_peft(
     model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True
 ) -> nn.Module:
-    """Load a PEFT LoRA/rsLoRA/DoRA/PiSSA adapter directory onto `model` (the original base).
+    """Load a PEFT LoRA/rsLoRA/DoRA/PiSSA/EVA, VeRA or AdaLoRA adapter directory onto `model`
+    (the original base). EVA comes back as per-layer LoRA adapters (the same ΔW).
 
     Raises:
         ValueError: not a supported PEFT adapter, or the model lacks a layer or has another
@@ -227,6 +285,15 @@ def import_peft(
     io.verify_manifest(src)  # exports written by rankwise carry checksums
     cfg = io.read_json(src / CONFIG_NAME)
     method = _check_config(cfg, str(src))
+    if method in ("vera", "adalora"):
+        from rankwise.adapt import peft_formats
+
+        read = peft_formats.import_vera if method == "vera" else peft_formats.import_adalora
+        built = read(model, cfg, io.load_tensors(src / WEIGHTS_NAME), str(src))
+        if not built:
+            raise ValueError(f"{src}: {WEIGHTS_NAME} holds no {method} tensors")
+        install_layers(model, built, trainable=trainable)
+        return model
     grouped = _group_tensors(io.load_tensors(src / WEIGHTS_NAME), str(src))
     if not grouped:
         raise ValueError(f"{src}: {WEIGHTS_NAME} holds no LoRA tensors")

@@ -1,4 +1,4 @@
-"""SLTrain: a sparse plus low-rank weight with a random, fixed support (training card 11).
+"""SLTrain: a sparse plus low-rank weight with a random, fixed support.
 
 Han et al., "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
 pretraining" (NeurIPS 2024). The weight is
@@ -15,11 +15,16 @@ only the shape, bias and dtype of the layer it replaces.
 Forward and backward go through one autograd Function that never keeps a dense (out, in)
 tensor between the two passes (the reference uses CUDA kernels for the same purpose): the
 forward forms W transiently and applies it; the backward recomputes it for dL/dx and gathers
-the dense weight gradient dL/dW = dY^T X at Omega for the values (card test 2), while
+the dense weight gradient dL/dW = dY^T X at Omega for the values (Han et al. 2024, eq. 3), while
 dL/dB = (alpha/r) dL/dW A^T and dL/dA = (alpha/r) B^T dL/dW.
 
 Defaults: density 0.03 (the paper's scripts); alpha 32 (the reference `SpLoRaModel` default;
 its 130M/1B scripts use alpha 16/8 at r 256/512).
+
+Optional learned scaling (the reference's ``trainable_scaling``, inherited from ReLoRA): the
+scale alpha / r is replaced by tanh(s) with a scalar parameter s initialised to 1, so
+W = tanh(s) B A + S. The factor multiplies B before the autograd Function (an (out, r)
+product), so ds gets its gradient from autograd and the Function is unchanged.
 """
 
 from __future__ import annotations
@@ -95,12 +100,14 @@ class SLTrainLinear(ParameterizedLinear):
         rank: r, 1 <= r <= min(m, n).
         density: delta in (0, 1), the fraction of the m n entries S may hold.
         alpha: scale numerator (scale = alpha / r).
+        trainable_scaling: learn the scale instead: tanh(s), s a scalar parameter init 1
+            (the reference's option; alpha is then unused).
         bias: keep a bias (initialised U(-1/sqrt(m), 1/sqrt(m)) as in the reference).
         generator: CPU generator (or seed) for the support and the initial values.
 
     Attributes:
-        B (m, r), A (r, n), values (nnz,): parameters. index (nnz,) int32 buffer: flat indices
-        i * n + j of Omega, sorted.
+        B (m, r), A (r, n), values (nnz,): parameters (and scaling (1,) when learned).
+        index (nnz,) int32 buffer: flat indices i * n + j of Omega, sorted.
     """
 
     method = "sltrain"
@@ -116,6 +123,7 @@ class SLTrainLinear(ParameterizedLinear):
         generator: torch.Generator | int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        trainable_scaling: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         m, n = out_features, in_features
@@ -142,9 +150,15 @@ class SLTrainLinear(ParameterizedLinear):
         if self.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(kaiming_uniform((m,), m, gen))
+        self.trainable_scaling = bool(trainable_scaling)
+        if self.trainable_scaling:
+            self.scaling = nn.Parameter(torch.ones(1, **factory))
 
     @property
-    def scale(self) -> float:
+    def scale(self) -> float | torch.Tensor:
+        """alpha / r, or tanh(s) (a differentiable 0-d tensor) with learned scaling."""
+        if self.trainable_scaling:
+            return torch.tanh(self.scaling).reshape(())
         return self.alpha / self.rank
 
     @property
@@ -160,6 +174,7 @@ class SLTrainLinear(ParameterizedLinear):
         density: float = 0.03,
         alpha: float = 32.0,
         generator: torch.Generator | int | None = None,
+        trainable_scaling: bool = False,
     ) -> SLTrainLinear:
         """A fresh SLTrain layer with the shape, bias presence, device and dtype of `linear`.
 
@@ -180,6 +195,7 @@ class SLTrainLinear(ParameterizedLinear):
             generator=generator,
             device=w.device,
             dtype=w.dtype,
+            trainable_scaling=trainable_scaling,
         )
 
     def sparse_dense(self) -> torch.Tensor:
@@ -201,13 +217,16 @@ class SLTrainLinear(ParameterizedLinear):
         return self.delta_weight() + self.sparse_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, scale = self.B.to(x.dtype), self.scale
+        if self.trainable_scaling:  # tanh(s) B: autograd carries ds, the Function sees scale 1
+            B, scale = B * scale.to(x.dtype), 1.0
         y = _SparsePlusLowRank.apply(
             x,
-            self.B.to(x.dtype),
+            B,
             self.A.to(x.dtype),
             self.values.to(x.dtype),
             self.index.long(),
-            self.scale,
+            scale,
             (self.out_features, self.in_features),
         )
         return y if self.bias is None else y + self.bias

@@ -1,9 +1,11 @@
 """Low-rank gradient optimizers: GaLore, Q-GaLore, Fira, FRUGAL, APOLLO, GradNormLoRP, DCT-AdamW.
 
 One optimizer class (`LowRankOptimizer`) over ordinary param groups, one projector
-abstraction (`Projector`: svd / randomized / dct / random / random_orthogonal / identity,
+abstraction (`Projector`: svd / randomized / dct / random / random_orthogonal / randperm /
+identity,
 optionally int8/int4-quantised with lazy refresh), pure update rules (`functional`), and
-layer-wise updates during backward (`LayerwiseUpdates`). Named methods are presets:
+layer-wise updates during backward (`LayerwiseUpdates`). Named methods are presets, registered
+on ``rankwise.registry.registry("optimizer")`` (`PRESETS` and `available` are views of it):
 
     >>> import rankwise.optim as ro
     >>> opt = ro.create("galore_adamw", model, rank=128)      # or "fira", "apollo", ...
@@ -34,6 +36,7 @@ from rankwise.optim.projector import (
     RandomizedSVDProjector,
     RandomOrthogonalProjector,
     RandomProjector,
+    RandPermProjector,
     SVDProjector,
     make_projector,
     register_projector,
@@ -43,8 +46,10 @@ from rankwise.optim.projector_q import QuantizedProjector
 
 
 def available() -> list[str]:
-    """Names of the optimizer presets (`create` accepts them)."""
-    return sorted(PRESETS)
+    """Names of the optimizer presets (`create` accepts them): the optimizer registry's."""
+    from rankwise.registry import registry
+
+    return registry("optimizer").names()
 
 
 __all__ = [
@@ -59,6 +64,7 @@ __all__ = [
     "Projector",
     "QuantizedProjector",
     "RandomOrthogonalProjector",
+    "RandPermProjector",
     "RandomProjector",
     "RandomizedSVDProjector",
     "SVDProjector",

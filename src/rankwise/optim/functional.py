@@ -2,12 +2,13 @@
 
 Each function takes tensors and hyperparameters and returns tensors or updates the moment
 tensors it is given in place (trailing ``_``). The stateful shell (`rankwise.optim.lowrank`)
-decides *which* tensors (full-size or projected) go in. Conventions follow
-`shared/methods/training.md` §0: for a low-rank matrix R the "full-size dimension" is the one
-that was not reduced: rows of R (m, r) for right projection, columns of R (r, n) for left.
+decides *which* tensors (full-size or projected) go in. For a low-rank matrix R the
+"full-size dimension" is the one that was not reduced (GaLore, Zhao et al. 2024, Algorithm 2):
+rows of R (m, r) for right projection, columns of R (r, n) for left.
 
 Two Adam styles exist in the papers and we keep both, because they differ measurably
-(card 1, test 1):
+(Adam, Kingma & Ba 2015, Algorithm 1 with eps moved inside the bias correction, vs the
+HF/GaLore form of Zhao et al. 2024, Algorithm 1):
 
 * ``"torch"``  (torch.optim.AdamW, FRUGAL, DCT-AdamW): decay ``W *= 1 - lr*wd`` *before* the
   update; ``denom = sqrt(V)/sqrt(bc2) + eps``; step ``lr/bc1``.
@@ -95,7 +96,7 @@ def adafactor_update_(
 
     grad (rows, cols); exp_avg_sq_row (rows,); exp_avg_sq_col (cols,); exp_avg (rows, cols) or
     None. Returns the lr-multiplied, RMS-clipped, momentum-averaged update U (rows, cols) to
-    *subtract* from the parameter (``relative_step=False, scale_parameter=False``, GaLore card 1).
+    *subtract* from the parameter (``relative_step=False, scale_parameter=False``, as GaLore-Adafactor, Zhao et al. 2024, §5).
     """
     beta2t = adafactor_beta2(step, decay_rate)
     sq = grad.square().add_(eps1)
@@ -189,18 +190,6 @@ def residual_norm(
     lsq = torch.linalg.vector_norm(low, dim=dim).square_()
     resid = gsq.sub_(lsq, alpha=1.0 - (1.0 - scale) ** 2).clamp_(min=0.0)
     return resid.mul_(weight.reshape(-1).square()).sum().sqrt()
-
-
-# --------------------------------------------------------------------------- residuals
-
-
-def residual_update(residual: torch.Tensor, rule: str) -> torch.Tensor:
-    """FRUGAL's state-free update of the out-of-subspace gradient: ``sign`` or ``sgd``."""
-    if rule == "sign":
-        return residual.sign()
-    if rule == "sgd":
-        return residual
-    raise ValueError(f"state-free rule {rule!r} is unknown: choose 'sign' or 'sgd'")
 
 
 # --------------------------------------------------------------------------- moment rotation

@@ -4,7 +4,7 @@ Each parameter gets a ``register_post_accumulate_grad_hook`` that, as soon as it
 final, runs the optimizer's update for that one parameter (`LowRankOptimizer.step_param`) and
 frees the gradient. Peak memory then holds one layer's gradient instead of the model's.
 
-Differences from the official GaLore script (card 1), on purpose:
+Differences from the official GaLore script (Zhao et al. 2024, §4.2), on purpose:
 
 * one optimizer (one state dict, one scheduler) instead of one optimizer per parameter, so
   ``state_dict()``/resume and LR schedulers work unchanged; the scheduler is stepped once per

@@ -4,7 +4,7 @@ A preset is a small dict of group options (what makes the method that method) pl
 paper/official defaults; `create(name, model, rank=...)` builds the optimizer. Where a default
 is a choice of ours rather than the method's, the preset's doc says so.
 
-Which parameters are projected (card 0): 2-D weights of ``nn.Linear`` modules whose name
+Which parameters are projected (GaLore, Zhao et al. 2024, §5: attention and MLP): 2-D weights of ``nn.Linear`` modules whose name
 contains ``attn`` or ``mlp`` (LLaMA q,k,v,o,gate,up,down); everything else (embeddings,
 lm_head, norms, biases) goes to a plain AdamW group with the same lr. ``target_modules``
 takes PEFT's vocabulary instead (via `rankwise.surgery.find_modules`).
@@ -13,7 +13,8 @@ takes PEFT's vocabulary instead (via `rankwise.surgery.find_modules`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,19 +33,42 @@ class Preset:
     doc: str
 
 
-PRESETS: dict[str, Preset] = {}
+def _registry() -> Any:
+    from rankwise.registry import registry
+
+    return registry("optimizer")
 
 
-def register_preset(preset: Preset) -> Preset:
-    """Add a preset (its name must be new and lower_snake_case)."""
-    if not preset.name.isidentifier() or preset.name.lower() != preset.name:
-        raise ValueError(f"preset name {preset.name!r} must be lower_snake_case")
-    if preset.name in PRESETS:
-        raise ValueError(f"preset {preset.name!r} is already registered")
+class _PresetView(Mapping[str, Preset]):
+    """``PRESETS``: a read-only name -> Preset view of the shared optimizer registry."""
+
+    def __getitem__(self, name: str) -> Preset:
+        reg = _registry()
+        if name not in reg:
+            raise KeyError(name)
+        return reg.get(name).load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_registry().names())
+
+    def __len__(self) -> int:
+        return len(_registry())
+
+
+PRESETS: Mapping[str, Preset] = _PresetView()
+
+
+def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
+    """Register a preset on ``rankwise.registry.registry("optimizer")`` (its name must be new
+    and lower_snake_case; its options known group keys)."""
     bad = (set(preset.projected) | set(preset.defaults)) - set(GROUP_DEFAULTS)
     if bad:
         raise ValueError(f"preset {preset.name!r} sets unknown options {sorted(bad)}")
-    PRESETS[preset.name] = preset
+    reg = _registry()
+    if preset.name in reg._entries and not replace:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    reg.register(preset.name, preset, summary=preset.doc, replace=replace,
+                 **{**preset.projected, **preset.defaults})
     return preset
 
 
@@ -66,7 +90,7 @@ for _p in (
             "proj_options": {"lazy_threshold": 0.4, "lazy_gamma": 2, "lazy_queue": 5}},
            {**_GALORE_ADAM, "eps": 1e-8, "state_bits": 8, "lr": 0.015},
            "Q-GaLore: int4 projector (group 256), lazy layer-adaptive refresh (cos 0.4, x2), "
-           "8-bit moments. INT8 weights are out of scope here."),
+           "8-bit moments (INT8 weights: not implemented here, the weights keep their dtype)."),
     Preset("fira", {**_GALORE, "residual": "fira", "limiter": True}, dict(_GALORE_ADAM),
            "Fira (Chen et al. 2024): GaLore + residual scaled per channel by ||N||/||R|| and the "
            "norm-growth limiter (gamma 1.01)."),
@@ -74,8 +98,12 @@ for _p in (
            {"projector": "svd", "update_proj_gap": 200, "scale": 1.0, "moment_policy": "reset",
             "residual": "sign", "residual_scale": 1.0},
            {"lr": 1e-3, "eps": 1e-8, "adam_style": "torch"},
-           "FRUGAL (Zmushko et al. 2024), SVD variant: Adam in the subspace (reset on refresh), "
-           "signSGD on the residual. Default rank_fraction 0.25 (rho)."),
+           "FRUGAL (Zmushko et al. 2024, Algorithm 1): Adam in a subspace (reset on refresh), "
+           "signSGD on the rest. Subspace: projector='svd' (default), 'random_orthogonal' "
+           "(random), 'randperm' (random columns/rows: the coordinate variant), or "
+           "block_order='random'|'ascending'|'descending'|'mirror' (block-wise: whole "
+           "matrices, its main pretraining setting). Density rank_fraction / block_density 0.25; "
+           "proj_lr_scale multiplies the lr of the projected part."),
     Preset("apollo",
            {"projector": "random", "update_proj_gap": 200, "scale": 1.0, "scaling": "channel",
             "limiter": True, "moment_policy": "keep"},
@@ -133,7 +161,7 @@ def param_groups(
 
     Args:
         model: the model.
-        target_modules: None for the card-0 rule (Linear modules named ``*attn*``/``*mlp*``),
+        target_modules: None for GaLore's rule (Linear modules named ``*attn*``/``*mlp*``),
             or PEFT-style names / regex resolved by `rankwise.surgery.find_modules`.
         **projected: options of the projected group (``rank``, ``projector``, ``scale``...).
 
@@ -169,48 +197,135 @@ def param_groups(
     return groups
 
 
+_PROJ_KEYS = {"rank", "rank_fraction", "projector", "update_proj_gap", "scale", "proj_side",
+              "proj_bits", "proj_options", "block_order", "block_density"}
+
+
 def create(
     name: str,
     model_or_params: nn.Module | Iterable[Any],
     *,
     target_modules: Sequence[str] | str | None = None,
+    proj_lr_scale: float = 1.0,
     **options: Any,
 ) -> LowRankOptimizer:
-    """Build the optimizer of preset `name` for a model (or explicit param groups).
+    """Build the optimizer of preset `name` for a model, a parameter list or param groups.
 
-    Options that are group keys of the projected group (rank, rank_fraction, projector,
-    update_proj_gap, scale, ...) go to that group; the rest (lr, betas, weight_decay, ...) are
-    optimizer-wide. With explicit param groups, the preset's projected options fill every
-    group that has a rank.
+    Args:
+        name: a preset (``rankwise.optim.available()``; dashes allowed).
+        model_or_params: a model (GaLore's rule picks the projected matrices, or
+            `target_modules`); ``model.named_parameters()`` (the same rule on the names);
+            ``model.parameters()`` or any list of tensors (every 2-D tensor larger than the
+            rank is projected, the rest gets AdamW); or param-group dicts (a group with ``rank``/``rank_fraction``,
+            or, when `options` give one, a group of 2-D tensors that does not set
+            ``projector``, is projected).
+        target_modules: PEFT-style names / regex of the modules to project (models only).
+        proj_lr_scale: multiplies the lr of the projected groups (FRUGAL's
+            ``proj_params_lr_scale``; 1 = the same lr everywhere).
+        **options: keys of the projected group (rank, rank_fraction, projector,
+            update_proj_gap, scale, ...) go to it; the rest (lr, betas, ...) are optimizer-wide.
+
+    A preset whose options name no rank, or whose input leaves nothing to project, is refused
+    with the fix: a low-rank method never silently runs as plain AdamW.
 
     Example:
         >>> opt = rankwise.optim.create("galore_adamw", model, rank=128, lr=0.01)
     """
-    try:
-        preset = PRESETS[name]
-    except KeyError:
-        raise ValueError(f"optimizer preset {name!r} is unknown: choose one of "
-                         f"{sorted(PRESETS)}") from None
-    proj_keys = set(preset.projected) | {"rank", "rank_fraction", "projector", "update_proj_gap",
-                                         "scale", "proj_side", "proj_bits", "proj_options"}
+    from rankwise.registry import canonical_name
+
+    preset = _registry().get(name).load()
+    name = canonical_name(name)
+    proj_keys = set(preset.projected) | _PROJ_KEYS
     projected = {**preset.projected, **{k: v for k, v in options.items() if k in proj_keys}}
     defaults = {**preset.defaults, **{k: v for k, v in options.items() if k not in proj_keys}}
-    if name == "frugal" and projected.get("rank") is None:
+    if projected.get("block_order") is not None:  # FRUGAL block-wise: whole matrices
+        projected.pop("projector", None)
+        projected.setdefault("block_density", projected.pop("rank_fraction", 0.25) or 0.25)
+        projected.pop("rank", None)
+    elif name == "frugal" and projected.get("rank") is None:
         projected.setdefault("rank_fraction", 0.25)
-    if isinstance(model_or_params, nn.Module):
-        if projected.get("rank") is None and projected.get("rank_fraction") is None:
-            raise ValueError(f"preset {name!r} needs rank=... or rank_fraction=...")
+    has_rank = (projected.get("rank") is not None or projected.get("rank_fraction") is not None
+                or projected.get("block_order") is not None)
+    items = None if isinstance(model_or_params, nn.Module) else list(model_or_params)
+    if not has_rank and (items is None or not all(isinstance(x, dict) for x in items)):
+        raise ValueError(f"preset {name!r} needs rank=... or rank_fraction=... (the projected "
+                         "matrices' subspace size)")
+    if items is None:
         groups = param_groups(model_or_params, target_modules=target_modules, **projected)
+        if name == "gradnormlorp":
+            _check_weight_norm(model_or_params)
+    else:
+        groups = _groups_from(items, projected, name, has_rank)
+    if proj_lr_scale != 1.0:
+        lr = defaults.get("lr", GROUP_DEFAULTS["lr"])
+        for g in groups:
+            if _is_projected(g):
+                g.setdefault("lr", lr * float(proj_lr_scale))
+    return LowRankOptimizer(groups, **defaults)
+
+
+def _is_projected(group: dict[str, Any]) -> bool:
+    return any(group.get(k) is not None for k in ("rank", "rank_fraction", "block_order")) or (
+        group.get("projector") is not None)
+
+
+def _groups_from(items: list[Any], projected: dict[str, Any], name: str,
+                 has_rank: bool) -> list[dict[str, Any]]:
+    """Param groups from what users pass instead of a model (see `create`)."""
+    if items and all(isinstance(x, tuple) and len(x) == 2 for x in items):  # named_parameters
+        chosen = [p for n, p in items if p.ndim == 2 and p.requires_grad
+                  and ("attn" in n or "mlp" in n)]
+        rest = [p for _, p in items if p.requires_grad and all(p is not q for q in chosen)]
+        groups = _split(chosen, rest, projected)
+    elif all(isinstance(x, torch.Tensor) for x in items):  # model.parameters(): 2-D ones
+        rank = projected.get("rank") or 1  # a matrix no larger than the rank gains nothing
+        mats = [p for p in items if p.ndim == 2 and p.requires_grad and min(p.shape) > rank]
+        groups = _split(mats, [p for p in items if all(p is not q for q in mats)], projected)
     else:
         groups = []
-        for g in model_or_params:
+        for g in items:
             g = dict(g) if isinstance(g, dict) else {"params": [g]}
-            if g.get("rank") is not None or g.get("rank_fraction") is not None:
+            params = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [
+                g["params"]]
+            g["params"] = params
+            takes = (g.get("rank") is not None or g.get("rank_fraction") is not None
+                     or (has_rank and "projector" not in g and params
+                         and all(p.ndim == 2 for p in params)))
+            if takes:
                 g = {**projected, **g}
                 if g.get("rank") is not None:
                     g.pop("rank_fraction", None)
             groups.append(g)
-    return LowRankOptimizer(groups, **defaults)
+    if not any(_is_projected(g) for g in groups):
+        raise ValueError(
+            f"preset {name!r}: none of the given parameters is projected (no 2-D tensor, or "
+            "every group sets projector=None): pass the model itself, model.parameters() with "
+            "its weight matrices, or a group {'params': [...], 'rank': r}")
+    return groups
+
+
+def _split(mats: list[torch.Tensor], rest: list[torch.Tensor],
+           projected: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = []
+    if mats:
+        groups.append({"name": "lowrank", "params": mats, **projected})
+    if rest:
+        groups.append({"name": "plain", "params": rest})
+    return groups
+
+
+def _check_weight_norm(model: nn.Module) -> None:
+    """GradNormLoRP projects the direction of a weight-normalised matrix (Huang et al. 2024,
+    eq. 4); on a model without weight normalisation it is plain GaLore: say so."""
+    from torch.nn.utils import parametrize
+
+    normed = any(parametrize.is_parametrized(m, "weight") for m in model.modules())
+    dora = any("magnitude" in n for n, _ in model.named_parameters())
+    if not (normed or dora):
+        warnings.warn(
+            "gradnormlorp on a model without weight normalisation behaves exactly as "
+            "galore_adamw: call rankwise.optim.apply_weight_norm(model) first (or use a DoRA "
+            "model) to train directions and magnitudes separately", UserWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- GradNormLoRP

@@ -1,8 +1,7 @@
 """One projector abstraction for low-rank gradient optimizers (GaLore family).
 
 A projector holds an r-dimensional subspace for one (m, n) gradient and maps between the full
-space and the subspace (GaLore, Zhao et al. 2024, §3; the "std" side rule of card 0 in
-`shared/methods/training.md`):
+space and the subspace (GaLore, Zhao et al. 2024, §3 and Algorithm 2, with its "std" side rule):
 
 * right projection (m >= n): P (r, n), rows orthonormal; ``down(G) = G Pᵀ`` (m, r),
   ``up(X) = X P`` (m, n);
@@ -17,16 +16,16 @@ state-dict helpers all work (galore-torch keeps a Python projector object in its
 breaks all three). Bases are recomputed in fp32 by `rankwise.linalg` (the one home for SVD,
 QR and DCT) and cast to the gradient's dtype.
 
-Implementations (registry names): ``svd`` (exact), ``randomized`` (randomized SVD), ``dct``
-(SVD-free column selection from a cached DCT basis: stores only r int32 indices),
-``random`` (Gaussian N(0, 1/r), APOLLO: stores only a seed), ``random_orthogonal``,
-``identity`` (rank = min(m, n); the parity baseline). `QuantizedProjector` (projector_q.py)
-wraps any dense one with int8/int4 storage and Q-GaLore's lazy refresh.
+Implementations (registry names): ``svd`` (exact) and ``randomized`` (randomized SVD) in
+projector_svd.py; ``dct`` (SVD-free column selection from a cached DCT basis: stores only r
+int32 indices), ``random`` (Gaussian N(0, 1/r), APOLLO: stores only a seed),
+``random_orthogonal``, ``randperm`` (r random coordinates, FRUGAL) and ``identity``
+(rank = min(m, n); the parity baseline) in projector_fixed.py. `QuantizedProjector`
+(projector_q.py) wraps any dense one with int8/int4 storage and Q-GaLore's lazy refresh.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar
 
 import torch
@@ -165,7 +164,7 @@ class Projector:
     def maybe_update(self, grad: torch.Tensor, step: int, gap: int) -> bool:
         """Refresh the subspace if due; returns whether it did.
 
-        With the ``lazy_threshold`` option (Q-GaLore §3.3, card 2), each refresh compares the
+        With the ``lazy_threshold`` option (Q-GaLore, Zhang et al. 2024, §3.3), each refresh compares the
         new leading basis vector with the previous one (cosine, signed as in the official code
         unless ``lazy_abs=True``), pushes it in a FIFO of ``lazy_queue`` (5) values, and once
         the FIFO is full and its mean >= threshold multiplies this layer's gap by
@@ -265,176 +264,6 @@ def _linalg() -> Any:
     return linalg
 
 
-class SVDProjector(Projector):
-    """GaLore's projector: top-r singular vectors of the current gradient (exact SVD)."""
-
-    kind = "svd"
-
-    def _compute(self, grad: torch.Tensor, step: int) -> None:
-        u, _, vh = _linalg().truncated_svd(grad, self.rank)
-        self._store(vh if self.side == "right" else u, self.options.get("dtype") or grad.dtype)
-
-
-class RandomizedSVDProjector(Projector):
-    """Top-r subspace by randomized subspace iteration (Halko et al. 2011): O(mnr), no full SVD.
-
-    Options:
-
-    * ``method`` "subspace" (default): `rankwise.linalg.top_right_subspace`, the
-      one-sided iteration Z <- orth(GᵀG Z) with QRs on the small side only (a projector needs
-      one side of the SVD); "hmt": `rankwise.linalg.randomized_svd` (two-sided HMT 4.4).
-    * ``power_iters``: 2 (subspace: steps of GᵀG; hmt: HMT's q);
-    * ``oversample``: None = rankwise.linalg's max(10, r/8);
-    * ``warm_start`` (True, subspace only): from the second refresh on, start from the previous
-      basis (plus ``oversample`` Gaussian columns) and run ``warm_power_iters`` (1) steps:
-      subspace iteration continued across refreshes, as the gradient subspace moves slowly.
-
-    The Gaussian columns are seeded from the projector's seed and refresh count, so replicas
-    and resumed runs draw the same sketch.
-    """
-
-    kind = "randomized"
-
-    def _compute(self, grad: torch.Tensor, step: int) -> None:
-        dtype = self.options.get("dtype") or grad.dtype
-        method = self.options.get("method", "subspace")
-        if method == "hmt":
-            u, _, vh = _linalg().randomized_svd(
-                grad, self.rank, oversample=self.options.get("oversample"),
-                power_iters=int(self.options.get("power_iters", 2)), seed=self.current_seed())
-            self._store(vh if self.side == "right" else u, dtype)
-            return
-        if method != "subspace":
-            raise ValueError(f"randomized projector method {method!r} is unknown: "
-                             "choose 'subspace' or 'hmt'")
-        from rankwise.linalg import top_right_subspace
-
-        mat = grad if self.side == "right" else grad.mT  # basis side = columns of `mat`
-        start, iters = None, int(self.options.get("power_iters", 2))
-        # (a quantised wrapper keeps no float basis: it starts cold every time)
-        if self.options.get("warm_start", True) and "proj_basis" in self.state:
-            prev = self.state["proj_basis"].float()
-            start = prev if self.side == "right" else prev.mT
-            iters = int(self.options.get("warm_power_iters", 1))
-        v = top_right_subspace(mat, self.rank, oversample=self.options.get("oversample"),
-                               power_iters=iters, start=start, seed=self.current_seed())
-        self._store(v if self.side == "right" else v.mT, dtype)
-
-
-def cached_dct_basis(d: int, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
-    """The orthonormal DCT-II basis (d, d), columns = basis vectors, shared by all layers.
-
-    A deterministic function of d, cached by `rankwise.linalg.dct_basis` and never stored in
-    optimizer state (DCT-AdamW, card 5: one basis serves every layer of that size).
-    """
-    return _linalg().dct_basis(int(d), dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def _dct_rows(d: int, device: torch.device) -> torch.Tensor:
-    """Qᵀ (d, d) contiguous: row j is DCT basis vector j (cached per size, never in state)."""
-    return cached_dct_basis(d, device).T.contiguous()
-
-
-class DCTProjector(Projector):
-    """SVD-free projector: the r DCT basis vectors best aligned with the gradient (card 5).
-
-    Basis Q (d, d) with d = the projected side's size, columns = DCT-II vectors. Right side:
-    score columns of ``G Q`` (m, d); left side: rows of ``Qᵀ G`` (d, n); keep the r best by
-    ℓ1 norm (``norm`` option, 1 or 2). State: r int32 indices only.
-    """
-
-    kind = "dct"
-    dense = False
-
-    @property
-    def _d(self) -> int:
-        return self.shape[1] if self.side == "right" else self.shape[0]
-
-    def _compute(self, grad: torch.Tensor, step: int) -> None:
-        q = cached_dct_basis(self._d, grad.device)
-        mat = grad.mT if self.side == "right" else grad  # (d, ·): scores ||G Q[:, j]|| or ||Q[:, j]ᵀ G||
-        norm = float(self.options.get("norm", 1.0))
-        idx = _linalg().select_aligned_columns(q, mat, self.rank, norm=norm)
-        self.state["proj_idx"] = idx.to(device=grad.device, dtype=torch.int32)
-
-    def _dense_basis(self) -> torch.Tensor:
-        idx = self.state["proj_idx"]
-        # gather whole rows of the cached Qᵀ (contiguous copies), not strided columns of Q:
-        # the selected basis is rebuilt at every step, so the gather is on the step's path
-        rows = _dct_rows(self._d, idx.device).index_select(0, idx.long())  # (r, d)
-        return rows if self.side == "right" else rows.T
-
-
-class RandomProjector(Projector):
-    """Random projector regenerated from a seed (APOLLO: Gaussian entries N(0, 1/r)).
-
-    Options: ``orthogonal`` (False; True draws a random orthonormal basis via
-    `rankwise.linalg.random_orthonormal`), ``store_basis`` (False: only the seed is kept and the
-    basis is regenerated when needed, as APOLLO-Mini's memory claim assumes; True: keep it).
-    """
-
-    kind = "random"
-
-    @property
-    def dense(self) -> bool:  # type: ignore[override]
-        return bool(self.options.get("store_basis", False))
-
-    @property
-    def orthonormal(self) -> bool:  # type: ignore[override]
-        return bool(self.options.get("orthogonal", False))
-
-    def _draw(self, device: torch.device) -> torch.Tensor:
-        seed = self.current_seed()
-        a = min(self.shape)
-        if self.options.get("orthogonal", False):
-            q = _linalg().random_orthonormal(a, self.rank, seed=seed, device=device)  # (a, r)
-        else:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            q = torch.randn(a, self.rank, generator=gen) / self.rank**0.5
-            q = q.to(device)
-        return q.T.contiguous() if self.side == "right" else q
-
-    def _compute(self, grad: torch.Tensor, step: int) -> None:
-        if self.options.get("store_basis", False):
-            self._store(self._draw(grad.device), self.options.get("dtype") or grad.dtype)
-        else:
-            self.state["proj_device"] = torch.empty(0, device=grad.device)  # remembers device
-
-    def _dense_basis(self) -> torch.Tensor:
-        if "proj_basis" in self.state:
-            return self.state["proj_basis"]
-        device = self.state.get("proj_device", torch.empty(0)).device
-        return self._draw(device)
-
-
-class RandomOrthogonalProjector(RandomProjector):
-    """Random orthonormal basis (stored by default, as regenerating needs a QR)."""
-
-    kind = "random_orthogonal"
-
-    def __init__(self, *args: Any, **options: Any) -> None:
-        options.setdefault("orthogonal", True)
-        options.setdefault("store_basis", True)
-        super().__init__(*args, **options)
-
-
-class IdentityProjector(Projector):
-    """P = I (rank must equal min(m, n)): projected optimizers reduce to their full-rank rule."""
-
-    kind = "identity"
-
-    def __init__(self, shape: tuple[int, ...], rank: int, **kwargs: Any) -> None:
-        super().__init__(shape, rank, **kwargs)
-        if rank != min(self.shape):
-            raise ValueError(
-                f"identity projector needs rank == min(m, n) = {min(self.shape)}, got {rank}"
-            )
-
-    def _compute(self, grad: torch.Tensor, step: int) -> None:
-        self._store(torch.eye(self.rank, device=grad.device), grad.dtype)
-
-
 PROJECTORS: dict[str, type[Projector]] = {}
 
 
@@ -444,17 +273,6 @@ def register_projector(cls: type[Projector]) -> type[Projector]:
         raise ValueError(f"{cls.__name__} has no `kind` name: set kind = 'my_projector'")
     PROJECTORS[cls.kind] = cls
     return cls
-
-
-for _cls in (
-    SVDProjector,
-    RandomizedSVDProjector,
-    DCTProjector,
-    RandomProjector,
-    RandomOrthogonalProjector,
-    IdentityProjector,
-):
-    register_projector(_cls)
 
 
 def make_projector(kind: str, shape: tuple[int, ...], rank: int, **kwargs: Any) -> Projector:
@@ -472,3 +290,49 @@ def make_projector(kind: str, shape: tuple[int, ...], rank: int, **kwargs: Any) 
     from rankwise.optim.projector_q import QuantizedProjector
 
     return QuantizedProjector(cls, shape, rank, bits=bits, **kwargs)
+
+
+def _register_builtin() -> None:
+    from rankwise.optim import projector_fixed, projector_svd
+
+    for cls in (
+        projector_svd.SVDProjector,
+        projector_svd.RandomizedSVDProjector,
+        projector_fixed.DCTProjector,
+        projector_fixed.RandomProjector,
+        projector_fixed.RandomOrthogonalProjector,
+        projector_fixed.RandPermProjector,
+        projector_fixed.IdentityProjector,
+    ):
+        register_projector(cls)
+
+
+_register_builtin()
+
+from rankwise.optim.projector_fixed import (  # noqa: E402  (re-exported: the public names)
+    DCTProjector,
+    IdentityProjector,
+    RandomOrthogonalProjector,
+    RandomProjector,
+    RandPermProjector,
+    cached_dct_basis,
+)
+from rankwise.optim.projector_svd import RandomizedSVDProjector, SVDProjector  # noqa: E402
+
+__all__ = [
+    "PROJECTORS",
+    "DCTProjector",
+    "IdentityProjector",
+    "Projector",
+    "RandPermProjector",
+    "RandomOrthogonalProjector",
+    "RandomProjector",
+    "RandomizedSVDProjector",
+    "SVDProjector",
+    "cached_dct_basis",
+    "check_matrix",
+    "make_projector",
+    "refresh_seed",
+    "register_projector",
+    "resolve_side",
+]

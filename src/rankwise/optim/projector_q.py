@@ -1,4 +1,4 @@
-"""Quantised projectors (Q-GaLore, Zhang et al. 2024, §3.2; card 2).
+"""Quantised projectors (Q-GaLore, Zhang et al. 2024, §3.2, eq. 2).
 
 `QuantizedProjector` wraps any projector whose basis is a dense float matrix (svd,
 randomized, random_orthogonal, identity): after each refresh the basis is quantised blockwise

@@ -41,12 +41,14 @@ def init(
     block_size: int,
     *,
     signed: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Create a zero moment `name` of `shape` stored at `bits` (32 or 8)."""
+    """Create a zero moment `name` of `shape` stored at `bits` (32: a `dtype` tensor, the
+    parameter's dtype by default in the optimizer; or 8: int8 codes + fp32 block scales)."""
     for key in [k for k in state if k == name or k.startswith(_prefix(name))]:
         del state[key]
     if bits == 32:
-        state[name] = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+        state[name] = torch.zeros(tuple(shape), dtype=dtype, device=device)
         return
     numel = math.prod(shape)
     blocks = max(1, math.ceil(numel / block_size))
@@ -63,13 +65,13 @@ def is_quantized(state: dict[str, Any], name: str) -> bool:
 
 
 def read(state: dict[str, Any], name: str) -> torch.Tensor:
-    """The moment as a float32 tensor (the state tensor itself at 32 bits)."""
+    """The moment as a tensor: the state tensor itself at 32 bits, decoded fp32 at 8 bits."""
     if name in state:
         return state[name]
     pre = _prefix(name)
     codes, scales = state[pre + "codes"], state[pre + "scales"]
     shape = tuple(int(d) for d in state[pre + "shape"].tolist())
-    y = codes.to(torch.float32).mul_(scales[:, None])  # the companded value, one allocation
+    y = torch.mul(codes, scales[:, None])  # int8 x fp32 -> fp32: decode in one kernel
     y = y.view(-1)[: math.prod(shape)].view(shape)
     if name.endswith("_sq"):
         return y.square_().square_()  # V = (V^(1/4))^4
@@ -94,7 +96,7 @@ def write(state: dict[str, Any], name: str, value: torch.Tensor) -> None:
         mag = y
     else:
         mag = y.abs().sqrt_()  # sqrt|M|
-        y = mag.mul(y.sign())
+        y = torch.copysign(mag, y)  # sign(M) sqrt|M| in one kernel
     pad = codes.numel() - y.numel()
     if pad:
         y = torch.cat([y, y.new_zeros(pad)])

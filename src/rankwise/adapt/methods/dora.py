@@ -49,10 +49,34 @@ class DoRA(LoRABase):
             self.magnitude.copy_(self.weight_norm(ctx.weight()))
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """n = ‖W + s·B A‖ per output row (out,), fp32, detached."""
+        """n = ‖W + s·B A‖ per output row (out,), fp32, detached.
+
+        Expanded so that no (out, in) tensor is formed (Pythagoras on each row):
+        ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s B_i·(W Aᵀ)_i + s² B_i (A Aᵀ) B_iᵀ. ‖W_i‖² is cached
+        while W is unchanged (the base is frozen), W Aᵀ is one (out, in, r) GEMM (the flops of
+        forming BA), the rest is O((out + in) r²). The whole n is cached while W, A and B keep
+        their versions: several forwards between two optimizer steps (evaluation, gradient
+        checkpointing's recomputation) compute it once, where PEFT recomputes it per forward
+        in training mode.
+        """
         dtype = compute_dtype(weight.dtype)
-        v = weight.to(dtype) + self.delta_weight().detach().to(dtype)
-        return torch.linalg.vector_norm(v, dim=1)
+        A, B = self.A.detach(), self.B.detach()
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), dtype,
+               A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+        cached = getattr(self, "_norm_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w, a, b, s = weight.detach().to(dtype), A.to(dtype), B.to(dtype), float(self.scale)
+        wkey = key[:4]
+        base = getattr(self, "_base_sq", None)
+        if base is None or base[0] != wkey:
+            base = (wkey, w.square().sum(dim=1))
+            self._base_sq = base
+        cross = (b * (w @ a.T)).sum(dim=1)
+        lsq = ((b @ (a @ a.T)) * b).sum(dim=1)
+        norm = (base[1] + (2.0 * s) * cross + (s * s) * lsq).clamp_min_(0.0).sqrt_()
+        self._norm_cache = (key, norm)
+        return norm
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, geo: Geometry) -> torch.Tensor:
         dtype = self.A.dtype
@@ -61,12 +85,18 @@ class DoRA(LoRABase):
         if not geo.takes_indices:
             x = x.to(dtype)
         x_tilde = self.dropout(x)
-        lora = self.scale * geo.apply_features(geo.apply_in(x_tilde, self.A), self.B)
-        if not (self.training and self.config.dropout > 0):  # W x = base output minus bias
+        lora = geo.apply_features(geo.apply_in(x_tilde, self.A), self.B)
+        if not (self.training and self.config.dropout > 0):
+            # base_out = W x + b, so y = (m/n) ⊙ (W x + s·B A x) + b: two passes over the
+            # output instead of PEFT's five ((m/n − 1) W x + (m/n) s B A x, then + base_out)
+            b = geo.bias()
             wx = geo.without_bias(base_out).to(dtype)
-        else:
-            wx = geo.apply_in(x_tilde, geo.weight().to(dtype))
-        extra = geo.scale_features(wx, factor - 1) + geo.scale_features(lora, factor)
+            y = geo.scale_features(torch.add(wx, lora, alpha=self.scale), factor)
+            if b is not None:
+                y = y + (b.view(1, -1, 1, 1) if geo.kind == "conv2d" else b).to(dtype)
+            return y.to(base_out.dtype)
+        wx = geo.apply_in(x_tilde, geo.weight().to(dtype))
+        extra = geo.scale_features(wx, factor - 1) + geo.scale_features(lora * self.scale, factor)
         return base_out + extra.to(base_out.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ LoRA whose factors start at the top-r SVD part of W, on a residual base:
     W_res = W − s·B A = U_{>r} Σ_{>r} V_{>r}ᵀ,   y = W_res x + b + s·B A x
 
 Dividing by the LoRA scale s (PEFT ``pissa_init``) makes s·BA = U_r Σ_r V_rᵀ for any α.
-``niter=K`` uses a randomized SVD with K power iterations (PEFT's ``pissa_niter_K``).
+``niter=K`` uses a randomized SVD with K power iterations, oversampled (rankwise.linalg): the
+same idea as PEFT's ``pissa_niter_K`` and closer to the exact SVD, but not equal to PEFT's.
 
 The stored base weight is W_res (as in PEFT, which overwrites it). Unlike PEFT, we keep the
 initial factors A₀, B₀ (frozen buffers, r(out + in) values), so the original W = W_res +
@@ -34,8 +35,8 @@ class PiSSAConfig(LoRAConfig):
 
     Attributes:
         niter: None for an exact SVD (PEFT ``init_lora_weights="pissa"``); K for a randomized
-            SVD with K power iterations (PEFT ``"pissa_niter_K"``; seconds instead of minutes
-            on large layers).
+            SVD with K power iterations, oversampled (like PEFT ``"pissa_niter_K"``, more
+            accurate, not equal to it; seconds instead of minutes on large layers).
     """
 
     niter: int | None = None

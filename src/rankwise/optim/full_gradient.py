@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from rankwise.optim import functional as F
+from rankwise.optim import functional as ofn
 from rankwise.optim.projector import Projector
 
 
@@ -30,9 +30,9 @@ def apollo_scale(
     The limiter sees ||G ⊙ s|| (times sqrt(scale) first when ``scale_front``), computed
     from channel norms of G so that G ⊙ s is never formed."""
     if group["scaling"] == "channel":
-        s = F.channel_scale(n, low, proj.side)
+        s = ofn.channel_scale(n, low, proj.side)
     else:
-        s = F.tensor_scale(n, low)
+        s = ofn.tensor_scale(n, low)
     root = math.sqrt(group["scale"])
     if group["scale_front"]:
         s = s * root
@@ -41,10 +41,10 @@ def apollo_scale(
         if s.ndim == 0:
             norm = g.norm() * s.abs()
         else:
-            dim = F.channel_dim(low, proj.side)
+            dim = ofn.channel_dim(low, proj.side)
             gsq = torch.linalg.vector_norm(g, dim=dim).square_()
             norm = gsq.mul_(s.reshape(-1).square()).sum().sqrt()
-        limit, state["limiter_norm"] = F.norm_growth_factor(
+        limit, state["limiter_norm"] = ofn.norm_growth_factor(
             norm, state["limiter_norm"], group["limiter_gamma"])
         s = s / limit
     if not group["scale_front"]:
@@ -65,14 +65,14 @@ def fira(
     norms of G and R (`functional.residual_norm`), otherwise the residual is formed.
     """
     scale = group["scale"]
-    c = F.channel_scale(n, low, proj.side)  # (m, 1) right / (1, n) left
+    c = ofn.channel_scale(n, low, proj.side)  # (m, 1) right / (1, n) left
     if group["limiter"]:
         _limiter_state(state, g.device)
         if proj.orthonormal:
-            norm = F.residual_norm(g, low, proj.side, scale, c)
+            norm = ofn.residual_norm(g, low, proj.side, scale, c)
         else:
             norm = (proj.residual(g, low.mul(scale)) * c).norm()
-        limit, state["limiter_norm"] = F.norm_growth_factor(
+        limit, state["limiter_norm"] = ofn.norm_growth_factor(
             norm, state["limiter_norm"], group["limiter_gamma"])
         c = c / limit
     return g, -eta, c, n.sub_(low * c).mul_(-eta * scale)
