@@ -120,3 +120,34 @@ def test_from_linear_keeps_shape_dtype_and_bias_presence():
     assert (layer.out_features, layer.in_features) == (6, 12)
     with pytest.raises(ValueError, match="leaves no nonzero"):
         SLTrainLinear(3, 3, rank=1, density=0.05)
+
+
+def test_learned_scaling_is_tanh_of_a_parameter_with_its_gradient():
+    """The reference's trainable_scaling: W = tanh(s) B A + S, s (1,) initialised to 1."""
+    layer = SLTrainLinear(9, 11, rank=3, density=0.2, generator=0, trainable_scaling=True)
+    with torch.no_grad():
+        layer.B.normal_()
+        layer.scaling.fill_(0.7)
+    assert layer.scaling.shape == (1,) and "scaling" in layer.state_dict()
+    x = torch.randn(4, 9, dtype=torch.float64)
+    layer = layer.double()
+    S = reference_weight(layer) - layer.alpha / layer.rank * layer.B.detach() @ layer.A.detach()
+    s = layer.scaling.detach().clone().requires_grad_(True)
+    W = torch.tanh(s) * layer.B.detach() @ layer.A.detach() + S
+    ref = F.linear(x, W, layer.bias.detach())
+    out = layer(x)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(layer.scaling.grad, s.grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(layer.delta_weight().detach(),
+                               torch.tanh(s.detach()) * layer.B.detach() @ layer.A.detach())
+
+
+def test_fixed_scaling_stays_the_default():
+    layer = SLTrainLinear(9, 11, rank=3, density=0.2, alpha=6.0, generator=0)
+    assert layer.scale == 2.0 and not hasattr(layer, "scaling")
+    lin = nn.Linear(9, 11)
+    learned = SLTrainLinear.from_linear(lin, rank=3, trainable_scaling=True)
+    assert learned.trainable_scaling and float(learned.scale) == pytest.approx(torch.tanh(
+        torch.tensor(1.0)).item())

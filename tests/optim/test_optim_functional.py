@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankwise.optim import functional as F
+from rankwise.optim import functional as ofn
 
 
 def _with_norm(norm: float) -> torch.Tensor:
@@ -17,31 +17,31 @@ def _with_norm(norm: float) -> torch.Tensor:
 
 def test_limiter_first_call_only_records():
     x = _with_norm(1.0)
-    out, prev = F.norm_growth_limit(x, torch.tensor(-1.0))
+    out, prev = ofn.norm_growth_limit(x, torch.tensor(-1.0))
     assert torch.equal(out, x)
     assert float(prev) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_limiter_clips_growth_to_gamma():
     """Fira test 4: norms 1 then 10 -> second applied norm 1.01 and stored state 1.01."""
-    _, prev = F.norm_growth_limit(_with_norm(1.0), torch.tensor(-1.0))
-    out, prev = F.norm_growth_limit(_with_norm(10.0), prev, gamma=1.01)
+    _, prev = ofn.norm_growth_limit(_with_norm(1.0), torch.tensor(-1.0))
+    out, prev = ofn.norm_growth_limit(_with_norm(10.0), prev, gamma=1.01)
     assert float(out.norm()) == pytest.approx(1.01, rel=1e-5)
     assert float(prev) == pytest.approx(1.01, rel=1e-5)
 
 
 def test_limiter_leaves_small_growth_untouched():
     """Fira test 4: norms 1 then 1.005 -> untouched."""
-    _, prev = F.norm_growth_limit(_with_norm(1.0), torch.tensor(-1.0))
+    _, prev = ofn.norm_growth_limit(_with_norm(1.0), torch.tensor(-1.0))
     x = _with_norm(1.005)
-    out, prev = F.norm_growth_limit(x, prev, gamma=1.01)
+    out, prev = ofn.norm_growth_limit(x, prev, gamma=1.01)
     torch.testing.assert_close(out, x)
     assert float(prev) == pytest.approx(1.005, rel=1e-5)
 
 
 def test_limiter_zero_residual_gives_no_nan():
-    _, prev = F.norm_growth_limit(torch.zeros(3, 3), torch.tensor(-1.0))
-    out, prev = F.norm_growth_limit(torch.zeros(3, 3), prev)
+    _, prev = ofn.norm_growth_limit(torch.zeros(3, 3), torch.tensor(-1.0))
+    out, prev = ofn.norm_growth_limit(torch.zeros(3, 3), prev)
     assert torch.isfinite(out).all() and float(prev) == 0.0
 
 
@@ -51,7 +51,7 @@ def test_channel_scale_matches_manual_norms(side):
     gen = torch.Generator().manual_seed(1)
     n_low = torch.randn(7, 3, generator=gen) if side == "right" else torch.randn(3, 7, generator=gen)
     r_low = torch.randn_like(n_low)
-    phi = F.channel_scale(n_low, r_low, side)
+    phi = ofn.channel_scale(n_low, r_low, side)
     if side == "right":
         manual = torch.stack([n_low[i].norm() / (r_low[i].norm() + 1e-8) for i in range(7)])
         assert phi.shape == (7, 1)
@@ -68,7 +68,7 @@ def test_rotation_between_equal_subspaces_is_identity_on_moments(side):
     m = torch.randn(5, 4) if side == "right" else torch.randn(4, 5)
     v = m.square()
     m0, v0 = m.clone(), v.clone()
-    F.rotate_moments_(m, v, F.rotation(basis, basis, side), side)
+    ofn.rotate_moments_(m, v, ofn.rotation(basis, basis, side), side)
     torch.testing.assert_close(m, m0, atol=1e-6, rtol=0)
     torch.testing.assert_close(v, v0, atol=1e-6, rtol=0)
 
@@ -82,7 +82,7 @@ def test_rotation_first_moment_preserves_the_full_space_vector_when_span_is_kept
     m = torch.randn(5, 4)
     v = torch.rand(5, 4)
     full_before = m @ old
-    F.rotate_moments_(m, v, F.rotation(old, new, "right"), "right")
+    ofn.rotate_moments_(m, v, ofn.rotation(old, new, "right"), "right")
     torch.testing.assert_close(m @ new, full_before, atol=1e-5, rtol=0)
     assert (v >= 0).all()
 
@@ -90,8 +90,8 @@ def test_rotation_first_moment_preserves_the_full_space_vector_when_span_is_kept
 def test_adam_denom_styles_give_the_same_first_step_without_eps():
     v = torch.rand(4, 4) + 0.1
     m = torch.randn(4, 4)
-    d_t, s_t = F.adam_denom(v, 3, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, style="torch")
-    d_g, s_g = F.adam_denom(v, 3, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, style="galore")
+    d_t, s_t = ofn.adam_denom(v, 3, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, style="torch")
+    d_g, s_g = ofn.adam_denom(v, 3, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, style="galore")
     torch.testing.assert_close(s_t * m / d_t, s_g * m / d_g)
     with pytest.raises(ValueError, match="adam_style"):
-        F.adam_denom(v, 1, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, style="nope")
+        ofn.adam_denom(v, 1, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, style="nope")
