@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,16 +139,20 @@ def heal_(
     distill_alpha: float = 1.0,
     seed: int = 0,
     on_step: Callable[[int, float, float], None] | None = None,
+    batches: Iterator[torch.Tensor] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> HealResult:
     """Fine-tune `model`'s factorised layers in place on `stream` (1-D token ids) within `minutes`.
 
     Stops at the deadline or after `max_steps`, whichever comes first (`minutes=0` with
     `max_steps`: steps only). LoRA adapters are merged into the factors before returning, so the
     model has exactly the structure it came with. `on_step(step, seconds, loss)` reports progress.
+    `batches` (an iterator of (batch, seq_len) ids) replaces the windows of `stream`, and
+    `loss_fn(model, ids)` the method's loss (rankwise.pipeline.distill builds both).
     """
     if method not in DEFAULT_LR:
         raise ValueError(f"heal method must be one of {list(DEFAULT_LR)}, got {method!r}")
-    if method == "distill" and teacher is None:
+    if method == "distill" and teacher is None and loss_fn is None:
         raise ValueError("heal method 'distill' needs the dense teacher model: pass teacher=")
     if minutes <= 0 and not max_steps:
         raise ValueError("healing needs a time budget (minutes > 0) or max_steps")
@@ -157,7 +161,7 @@ def heal_(
     result = HealResult(method=method, lr=lr, trainable=sum(p.numel() for p in params))
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     budget = minutes * 60 if minutes > 0 else float("inf")
-    batches = _batches(stream, batch_size, seq_len, seed)
+    batches = _batches(stream, batch_size, seq_len, seed) if batches is None else batches
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -175,7 +179,9 @@ def heal_(
                 g["lr"] = _lr_at(result.steps, frac, lr)
             ids = next(batches)
             t0 = time.perf_counter()
-            if method == "distill":
+            if loss_fn is not None:
+                loss = loss_fn(model, ids)
+            elif method == "distill":
                 with torch.no_grad():
                     t_out = teacher(ids, output_hidden_states=bool(distill_alpha))
                 s_out = model(ids, output_hidden_states=bool(distill_alpha))

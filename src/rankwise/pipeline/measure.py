@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["decode_latency_vs", "heldout_perplexity", "latency_vs", "split_text", "test_perplexity"]
+__all__ = ["decode_latency_vs", "domain_perplexities", "heldout_perplexity", "latency_vs", "split_text",
+           "test_perplexity"]
 
 HELDOUT_FRACTION = 0.1
 
@@ -71,6 +72,16 @@ def test_perplexity(model: nn.Module, tokenizer: Any, max_tokens: int) -> float:
     model.eval()
     return evaluate_split(model, tokenizer, "python-docs", "test", max_tokens=max_tokens,
                           seq_len=_window(model, 512), progress=False)["perplexity"]
+
+
+def domain_perplexities(model: nn.Module, tokenizer: Any, max_tokens: int,
+                        domains: Any = None) -> dict[str, float]:
+    """Perplexity on the test split of every embedded LM domain (rankwise.data.domains), first
+    `max_tokens` tokens each (512-token windows): the per-domain figures every report shows."""
+    from rankwise.data.domains import DOMAINS, domain_stream
+
+    return {name: heldout_perplexity(model, domain_stream(name, "test", tokenizer, max_tokens=max_tokens))
+            for name in (domains or DOMAINS)}
 
 
 def _first_token_kwargs(model: nn.Module) -> dict[str, Any] | None:
