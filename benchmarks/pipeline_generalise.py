@@ -36,11 +36,15 @@ NAME = "pipeline_generalise"
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--heal-minutes", type=float, default=3.5)
-    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--heal-minutes", type=float, default=0.0, help="wall-clock budget per healing (0: steps only)")
+    p.add_argument("--heal-steps", type=int, default=20, help="steps per healing (equal work when the machine's "
+                   "load varies; 0: minutes only)")
+    p.add_argument("--method", default="svd-llm", help="compression method (svd-llm-update: the pipeline's at 20 %%)")
+    p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--teacher-samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--heals", nargs="+", default=["distill-teacher", "distill-mixture", "lm-text", "lm-mixture"])
+    p.add_argument("--calibrations", nargs="+", default=["python-docs", "mixture", "teacher"])
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args()
 
@@ -72,7 +76,7 @@ def render(res: dict[str, Any]) -> str:
     head = "| | worst held-out | " + " | ".join(doms) + " | |\n|---|---|" + "---|" * len(doms) + "---|"
     lines = [f"# Keeping a shrunk model general: calibration and healing side by side ({res['ratio']:.0%} removed)",
              "", res["machine"], "",
-             "SmolLM2-135M, svd-llm-update + welore, no EoRA. Perplexity x dense on each domain's test split "
+             f"SmolLM2-135M, {res['method']} + welore, no EoRA. Perplexity x dense on each domain's test split "
              f"(first {res['eval_tokens']} tokens, 512-token windows); dense: "
              + ", ".join(f"{d} {v:.2f}" for d, v in dense.items())
              + ". (seen) = the domain was read by calibration or healing; worst held-out = the largest ratio among "
@@ -84,10 +88,13 @@ def render(res: dict[str, Any]) -> str:
         lines += ["", f"Teacher text: {t['n']} x {t['seq_len']} tokens sampled from the dense model "
                   f"(random first token, {t['greedy']} greedy, then sampled) in {t['seconds']:.0f} s, cached."]
     if res.get("heal"):
-        lines += ["", f"## Healing, the same wall-clock budget ({res['heal_minutes']:g} min each), from the "
-                  f"compressed model calibrated on {res['heal_start']}", "", head]
+        budget = (f"{res['heal_steps']} steps of 4 x 256 tokens" if res.get("heal_steps") else
+                  f"{res['heal_minutes']:g} min") + " each"
+        lines += ["", f"## Healing, the same budget ({budget}), from the compressed model calibrated on "
+                  f"{res['heal_start']}", "", head]
         for h in res["heal"]:
-            extra = (f"{h['steps']} steps, {h['tokens']:,} tokens, {h['seconds'] / 60:.1f} min, "
+            extra = (f"{h['steps']} steps, {h['tokens']:,} tokens, {h['seconds'] / 60:.1f} min wall, "
+                     f"{h['cpu_seconds'] / 60:.1f} CPU-min, "
                      f"loss {h['loss_first']:.3f} -> {h['loss_last']:.3f}")
             lines.append(_row(h["label"], h["domains"], dense, h["used"], extra))
     if res.get("notes"):
@@ -113,10 +120,11 @@ def main() -> None:
     load = os.getloadavg()[0]
     res: dict[str, Any] = {
         "ratio": args.ratio, "eval_tokens": args.eval_tokens, "heal_minutes": args.heal_minutes,
+        "heal_steps": args.heal_steps, "method": args.method,
         "machine": f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs; load "
                    f"average {load:.2f} at the start), {torch.get_num_threads()} torch threads, torch "
-                   f"{torch.__version__}. Wall-clock budgets are equal, but the machine's load varied between "
-                   "runs: compare the steps column too.",
+                   f"{torch.__version__}. The machine was shared by several jobs (this process got a fraction of "
+                   "a core), so healings get equal steps and report both wall and CPU time.",
         "calibration": [], "heal": [], "notes": []}
     log("dense per-domain perplexity")
     res["dense"] = domain_perplexities(dense, tok, args.eval_tokens)
@@ -129,14 +137,15 @@ def main() -> None:
                       "seconds": time.perf_counter() - t,
                       "sample": tok.decode(seqs[0, :60].tolist())}
     calibs = {"python-docs": (None, ["python-docs"]),
-              "mixture (python-docs + fortunes)": (mixture_windows(MIXTURE, tok, 32, 256, seed=0), list(MIXTURE)),
-              "teacher text": (seqs[:32], [])}
+              "mixture": (mixture_windows(MIXTURE, tok, 32, 256, seed=0), list(MIXTURE)),
+              "teacher": (seqs[:32], [])}
+    calibs = {k: v for k, v in calibs.items() if k in args.calibrations}
     models = {}
     for label, (ids, used) in calibs.items():
         log(f"compress, calibration {label}")
         model = copy.deepcopy(dense)
         t = time.perf_counter()
-        compress_(model, "svd-llm-update", args.ratio, allocation="welore", calibration=ids, tokenizer=tok,
+        compress_(model, args.method, args.ratio, allocation="welore", calibration=ids, tokenizer=tok,
                   progress=False)
         sec = time.perf_counter() - t
         ppl = domain_perplexities(model, tok, args.eval_tokens)
@@ -171,12 +180,15 @@ def main() -> None:
         else:
             batches = mixture_batches(MIXTURE, tok, 4, 256, seed=0)
         loss_fn = distill_loss_fn(dense, 1.0) if method == "distill" else lm_loss_fn()
+        cpu = time.process_time()
         r = heal_(model, torch.empty(0, dtype=torch.long), method=method, minutes=args.heal_minutes,
-                  batches=batches, loss_fn=loss_fn, seed=0)
+                  max_steps=args.heal_steps or None, batches=batches, loss_fn=loss_fn, seed=0)
+        cpu = time.process_time() - cpu
         ppl = domain_perplexities(model, tok, args.eval_tokens)
         res["heal"].append({"key": key, "label": label, "used": used, "domains": ppl, "steps": r.steps,
                             "tokens": r.tokens, "seconds": r.seconds, "loss_first": r.loss_first,
-                            "loss_last": r.loss_last, "lr": r.lr, "load_after": os.getloadavg()[0]})
+                            "loss_last": r.loss_last, "lr": r.lr, "load_after": os.getloadavg()[0],
+                            "cpu_seconds": cpu})
         write(args.out, res)
         log(f"  {r.steps} steps: {ppl}")
         del model
