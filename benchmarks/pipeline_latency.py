@@ -1,7 +1,8 @@
 """Latency of the models `benchmarks/pipeline.py` exported, in a fresh process: the scoring
 forward (1 x 256 tokens, every position's logits), time to first token (the same prompt as
 `generate` runs it: KV cache, last logits only) and per-token decoding, each against dense,
-interleaved medians.
+interleaved medians; each as loaded and with horizontal fusion (rankwise.layers.fused: q/k/v
+and gate/up run their first factors as one matmul).
 
     python benchmarks/pipeline_latency.py --work /tmp/rankwise-pipeline-bench --threads 2
 
@@ -40,6 +41,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     import rankwise
     from rankwise.io import write_json, write_text
+    from rankwise.layers.fused import fuse_siblings_
     from rankwise.pipeline.measure import decode_latency_vs, latency_vs
 
     dense = rankwise.load_model("smollm2-135m").eval()
@@ -51,12 +53,16 @@ def main() -> int:
             continue
         model = rankwise.load_model(path).eval()
         n = args.repeats
-        row = {"ratio": ratio, "prefill": latency_vs(model, dense, repeats=n),
-               "first_token": latency_vs(model, dense, repeats=n, first_token=True),
-               "decode": decode_latency_vs(model, dense, repeats=max(n // 4, 3))}
-        rows.append(row)
-        print(f"{ratio:.0%}: prefill {row['prefill']['latency_vs_dense']:.3f}x, first token "
-              f"{row['first_token']['latency_vs_dense']:.3f}x, decode {row['decode']['latency_vs_dense']:.3f}x", flush=True)
+        for fused in (False, True):
+            groups = fuse_siblings_(model) if fused else []
+            row = {"ratio": ratio, "fused": fused, "fused_groups": len(groups),
+                   "prefill": latency_vs(model, dense, repeats=n),
+                   "first_token": latency_vs(model, dense, repeats=n, first_token=True),
+                   "decode": decode_latency_vs(model, dense, repeats=max(n // 4, 3))}
+            rows.append(row)
+            print(f"{ratio:.0%}{' fused' if fused else ''}: prefill {row['prefill']['latency_vs_dense']:.3f}x, first "
+                  f"token {row['first_token']['latency_vs_dense']:.3f}x, decode {row['decode']['latency_vs_dense']:.3f}x",
+                  flush=True)
         del model
     meta = {"machine": f"{platform.machine()} CPU ({os.cpu_count()} cores)", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": sys.version.split()[0],
@@ -68,11 +74,12 @@ def main() -> int:
              f"Fresh process, {meta['threads']} torch threads, OMP_WAIT_POLICY {meta['omp_wait_policy']}, load average "
              f"{meta['load_average']}; interleaved medians ({args.repeats} forwards each; decode: {max(args.repeats // 4, 3)} x 32 "
              "tokens after a 64-token prompt). Run-to-run spread on this machine is about +-2 %.",
-             "", "| removed | scoring forward, 1 x 256, all logits | time to first token, 256-token prompt | decode, per token |",
-             "|---|---|---|---|"]
+             "", "| removed | horizontal fusion | scoring forward, 1 x 256, all logits | time to first token, 256-token prompt "
+             "| decode, per token |", "|---|---|---|---|---|"]
     for r in rows:
         p, f, d = r["prefill"], r["first_token"], r["decode"]
-        lines.append(f"| {r['ratio']:.0%} | {p['latency_vs_dense']:.3f}x ({p['latency_ms']:.0f} vs {p['dense_ms']:.0f} ms) "
+        fusion = f"yes ({r['fused_groups']} groups)" if r.get("fused") else "no"
+        lines.append(f"| {r['ratio']:.0%} | {fusion} | {p['latency_vs_dense']:.3f}x ({p['latency_ms']:.0f} vs {p['dense_ms']:.0f} ms) "
                      f"| {f['latency_vs_dense']:.3f}x ({f['latency_ms']:.0f} vs {f['dense_ms']:.0f} ms) "
                      f"| {d['latency_vs_dense']:.3f}x ({d['ms_per_token']:.1f} vs {d['dense_ms_per_token']:.1f} ms) |")
     write_text(args.out / "pipeline_latency.md", "\n".join(lines) + "\n")

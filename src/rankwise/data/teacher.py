@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ GREEDY_TOKENS = 3  # LLM-QAT: "the first 3~5 tokens" deterministically top-1, th
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("RANKWISE_CACHE", Path.home() / ".cache" / "rankwise")) / "teacher"
+    from rankwise.models import cache_root
+
+    return cache_root() / "teacher"
 
 
 def teacher_cache_path(model_key: str, n: int, seq_len: int, seed: int, greedy_tokens: int = GREEDY_TOKENS) -> Path:

@@ -69,9 +69,10 @@ class FusedGroup:
         self._served = 0
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._key is None or self._key[0] is not x or self._key[1] != x._version:
+        version = -1 if x.is_inference() else x._version  # inference tensors have no version counter
+        if self._key is None or self._key[0] is not x or self._key[1] != version:
             self._parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-            self._key, self._served = (x, x._version), 0
+            self._key, self._served = (x, version), 0
         out = self._parts[index]
         self._served += 1
         if self._served >= len(self.sizes):  # every member served: release the input and slices

@@ -279,6 +279,11 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
         diff = (reloaded(ids).logits - model.eval()(ids).logits).abs().max().item()
     record["reload"] = {"max_abs_diff": diff, "via": via}
     del reloaded
+    from rankwise.layers.fused import fuse_siblings_, unfuse_
+
+    # horizontal fusion (q/k/v, gate/up share an input: one matmul for their A factors) is how the
+    # model is meant to run; latency and generations are measured fused, then it is undone
+    record["fused_groups"] = len(fuse_siblings_(model))
     if ctx.config.latency:
         ctx.status("export: latency vs dense")
         record["latency"] = latency_vs(model, ctx.dense)
@@ -286,6 +291,7 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
         record["decode_latency"] = decode_latency_vs(model, ctx.dense)
     ctx.status("export: generations")
     record["generations"] = generations(model, ctx.dense, ctx.tokenizer)
+    unfuse_(model)
     record["layers"] = layer_table(model, ctx.targets)
     record["params_model"] = count_parameters(model)
     record["domains_used"] = used = ctx.domains_used()
