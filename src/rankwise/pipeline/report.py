@@ -82,9 +82,14 @@ def summary_table(stages: dict[str, dict[str, Any]]) -> str:
         used = exp.get("domains_used") or {}
         lines = [domain_table(stages, used), "", "python-docs (the decision data's domain) after each stage:", "",
                  *lines]
+    if exp.get("latency") or exp.get("decode_latency"):
+        lines.append("")
+    if exp.get("fused_groups"):
+        lines.append(f"latency with horizontal fusion ({exp['fused_groups']} groups of sibling layers run their "
+                     "first factors as one matmul; rankwise.layers.fused.fuse_siblings_ after loading):")
     if exp.get("latency"):
         lat = exp["latency"]
-        lines.append(f"\nprefill latency (1 x {lat['tokens']} tokens, all logits): {lat['latency_ms']:.0f} ms vs dense "
+        lines.append(f"prefill latency (1 x {lat['tokens']} tokens, all logits): {lat['latency_ms']:.0f} ms vs dense "
                      f"{lat['dense_ms']:.0f} ms = {lat['latency_vs_dense']:.3f}x")
     if exp.get("first_token_latency"):
         ttft = exp["first_token_latency"]
