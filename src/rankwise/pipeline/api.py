@@ -77,7 +77,7 @@ def shrink(
     heal_minutes: float = 15.0,
     heal_method: str = "distill",
     heal_data: str = "auto",
-    calibration: Any = None,
+    calibration: Any = "mixture",
     text: Any = None,
     tokenizer: Any = None,
     method: str = "auto",
@@ -104,8 +104,9 @@ def shrink(
         heal_data: what healing reads: "teacher" (text sampled from the dense model, LLM-QAT's
             data-free recipe), "mixture" (python-docs + fortunes), "text" (`text`), or "auto"
             (`text` when given, else "teacher").
-        calibration: calibration text source for compression (default: the embedded corpus;
-            "mixture" or "teacher" as for heal_data).
+        calibration: calibration text for compression: "mixture" (default: python-docs and
+            fortunes windows in equal shares, measured best on held-out domains), "teacher", a
+            corpus name, a text source or input_ids; None = python-docs.
         text: healing text (default: the embedded python-docs train split); a file, glob or list
             of documents is cut 90/10 into training and held-out tokens.
         tokenizer: needed when `model_or_name` is a model object without a name.

@@ -52,7 +52,7 @@ class ShrinkConfig:
     ratio: float = 0.2
     method: str = "auto"
     allocation: str | None = None
-    calibration: Any = None
+    calibration: Any = "mixture"
     n_samples: int = 32
     seq_len: int = 256
     seed: int = 0
