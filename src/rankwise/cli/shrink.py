@@ -28,13 +28,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory (reload with rankwise.load_model(DIR))")
     parser.add_argument("--heal-minutes", type=float, default=15.0,
                         help="wall-clock budget of the healing fine-tune in minutes (default 15; 0 skips)")
-    parser.add_argument("--heal-method", choices=HEAL_METHODS, default="distill",
-                        help="distill: the factors trained against the dense model (default, measured best "
-                             "for held-out domains); lowrank: the factors on the causal-LM loss; lora: LoRA "
-                             "on the factors, merged into them; none")
-    parser.add_argument("--heal-data", choices=HEAL_DATA, default="auto",
-                        help="healing text: teacher (sampled from the dense model, data-free), mixture "
-                             "(python-docs + fortunes), text (--text); auto (default): --text if given, else teacher")
+    parser.add_argument("--heal-method", choices=HEAL_METHODS, default="lowrank",
+                        help="lowrank: the factors on the causal-LM loss (default); distill: the factors trained "
+                             "against the dense model (KL + feature MSE); lora: LoRA on the factors, merged; none")
+    parser.add_argument("--heal-data", choices=HEAL_DATA, default="text",
+                        help="healing text: text (default: --text or python-docs), teacher (sampled from the dense "
+                             "model, data-free), mixture (python-docs + fortunes), auto (--text if given, else teacher)")
     parser.add_argument("--teacher-samples", type=int, default=128,
                         help="sequences of 256 tokens sampled from the dense model for teacher text (default 128)")
     parser.add_argument("--no-compensation", action="store_true", help="do not try EoRA compensation")

@@ -17,8 +17,9 @@ __all__ = ["CALIBRATION_SOURCES", "HEAL_DATA", "HEAL_METHODS", "STAGES", "Shrink
 
 STAGES: tuple[str, ...] = ("compress", "compensate", "heal", "export")
 HEAL_METHODS: tuple[str, ...] = ("lora", "lowrank", "distill", "none")
-# What healing reads (rankwise.pipeline.distill): "auto" = the user's text when one is given,
-# else text sampled from the dense model (data-free; no evaluation domain is seen).
+# What healing reads (rankwise.pipeline.distill): "text" (default: the user's text, or the
+# python-docs train split), "mixture", "teacher" (text sampled from the dense model, data-free),
+# "auto" = the user's text when one is given, else teacher text.
 HEAL_DATA: tuple[str, ...] = ("auto", "text", "mixture", "teacher")
 # Calibration sources with a meaning of their own (anything else goes to rankwise.compress):
 # "mixture" = equal shares of python-docs and fortunes windows, "teacher" = dense-model samples.
@@ -61,8 +62,8 @@ class ShrinkConfig:
     select_tokens: int = 4096
     compensation: bool = True
     compensation_ranks: tuple[int, ...] = (16, 32)
-    heal_method: str = "distill"
-    heal_data: str = "auto"
+    heal_method: str = "lowrank"
+    heal_data: str = "text"
     teacher_samples: int = 128
     heal_minutes: float = 15.0
     heal_steps: int | None = None
