@@ -35,14 +35,15 @@ chromium:
 	else echo "chromium not found and apt-get unavailable (or not root): the browser test will skip"; fi
 
 # The main job on a real model: shrink SmolLM2-135M by 20 % of its block-linear parameters
-# (whitened-SVD compression with SVD-LLM's update and WeLore ranks, the configuration the
-# pipeline benchmark measured best; then a 5-minute healing fine-tune of the factors), export it,
-# reload the result in one call and score it. The full measured run (candidate search, EoRA,
-# 15-minute healing) is `rankwise shrink smollm2-135m --ratio 0.2`.
+# (whitened-SVD compression with SVD-LLM's update and WeLore ranks, calibrated on a python-docs +
+# fortunes mixture; then a 5-minute healing fine-tune of the factors), export it, print perplexity x dense per domain (worst held-out domain
+# first), reload the result in one call and score it. The full
+# measured run (candidate search, EoRA, 15-minute healing) is `rankwise shrink smollm2-135m`.
 DEMO_OUT ?= out/smollm2-shrunk-20
 demo: $(STAMP)
 	$(VENV)/bin/rankwise shrink smollm2-135m --ratio 0.2 --method svd-llm-update --allocation welore \
-		--no-compensation --heal-minutes 5 --out $(DEMO_OUT) --resume
+		--no-compensation --heal-minutes 5 --eval-tokens 4096 \
+		--out $(DEMO_OUT) --resume
 	$(VENV)/bin/rankwise eval $(DEMO_OUT)
 
 test: $(STAMP) chromium

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Rebuild rankwise's embedded corpora from the Debian packages they come from.
 
-Two data sets ship inside the package (src/rankwise/data/corpora/), see DATA.md:
+Three data sets ship inside the package (src/rankwise/data/corpora/), see DATA.md:
 
 * ``python_docs.jsonl.xz``: the Python 3.11 documentation's reST sources (Debian package
   ``python3.11-doc``), one record ``{"doc", "split", "text"}`` per document, lightly cleaned
   towards prose (see ``clean_rest``), split by document into train/validation/test.
 * ``fortunes.jsonl.xz``: quotes from the ``fortunes`` package for topic classification, one
   record ``{"topic", "split", "text"}`` per quote.
+* ``devils_dictionary.jsonl.xz``: Ambrose Bierce's *The Devil's Dictionary* (1911, public
+  domain; Debian package ``dict-devil``), one record ``{"doc", "split", "text"}`` per entry,
+  split by entry into train/validation/test: literary English prose and verse, a held-out
+  domain for language models calibrated or healed on the Python docs.
 
 plus ``manifest.json`` (sha256, sizes, counts, provenance). The output is deterministic: the
 same packages give the same bytes (sorted records and keys, xz with fixed settings, no
@@ -21,6 +25,7 @@ timestamps). Usage::
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import lzma
@@ -30,12 +35,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-PACKAGES = {"python-docs": "python3.11-doc", "fortunes": "fortunes"}
+PACKAGES = {"python-docs": "python3.11-doc", "fortunes": "fortunes", "devils-dictionary": "dict-devil"}
 # The versions the shipped files were built from (Debian 12 "bookworm" main). Another version
 # (e.g. a newer security update) builds different bytes: allowed only with --any-version.
-PINNED = {"python3.11-doc": "3.11.2-6+deb12u8", "fortunes": "1:1.99.1-7.3"}
+PINNED = {"python3.11-doc": "3.11.2-6+deb12u8", "fortunes": "1:1.99.1-7.3", "dict-devil": "1.0-13.1"}
 DOCS_ROOT = "usr/share/doc/python3.11/html/_sources"
 FORTUNES_ROOT = "usr/share/games/fortunes"
+DEVIL_ROOT = "usr/share/dictd"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "rankwise" / "data" / "corpora"
 
 # Python docs: documents dropped (legal boilerplate, a table of contents, an empty changelog
@@ -58,6 +64,12 @@ FORTUNE_TOPICS = (
 FORTUNE_MIN_CHARS, FORTUNE_MAX_CHARS, FORTUNE_CAP = 10, 2000, 300
 FORTUNE_SALT = "rankwise-fortunes-v1:"
 FORTUNE_SPLITS = (("train", 80), ("test", 100))
+
+# The Devil's Dictionary: one record per entry (dictd entries; the 00-database-* headers, which
+# hold the edition's notice, are metadata, not entries), split by the entry's headword.
+DEVIL_SALT = "rankwise-devils-dictionary-v1:"
+DEVIL_SPLITS = (("train", 80), ("validation", 90), ("test", 100))
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
 
@@ -316,6 +328,44 @@ def build_fortunes(root: Path) -> list[dict[str, str]]:
     return records
 
 
+def dictd_number(text: str) -> int:
+    """A dictd index number (offset or length): base 64, most significant digit first."""
+    value = 0
+    for ch in text:
+        value = value * 64 + _B64.index(ch)
+    return value
+
+
+def parse_dictd(index: str, data: bytes) -> list[tuple[str, str]]:
+    """(headword, text) of every entry of a dictd dictionary, in index order; an entry that
+    several headwords share, or whose text repeats another's, appears once (the first); the
+    00-database-* headers are skipped."""
+    seen: set[int] = set()
+    texts: set[str] = set()
+    entries = []
+    for line in index.splitlines():
+        if not line.strip():
+            continue
+        word, offset, length = line.split("\t")[:3]
+        start = dictd_number(offset)
+        if word.startswith("00database") or start in seen:
+            continue
+        seen.add(start)
+        raw = data[start: start + dictd_number(length)].decode("utf-8")
+        text = "\n".join(x.rstrip() for x in raw.strip("\n").split("\n"))
+        if text not in texts:
+            texts.add(text)
+            entries.append((word, text))
+    return entries
+
+
+def build_devils_dictionary(root: Path) -> list[dict[str, str]]:
+    data = gzip.decompress((root / "devil.dict.dz").read_bytes())  # dictzip is gzip-compatible
+    index = (root / "devil.index").read_text(encoding="utf-8")
+    return sorted(({"doc": word, "split": split_of(word, DEVIL_SALT, DEVIL_SPLITS), "text": text}
+                   for word, text in parse_dictd(index, data)), key=lambda r: r["doc"])
+
+
 def encode_jsonl_xz(records: list[dict[str, str]]) -> bytes:
     lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
     return lzma.compress(lines.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
@@ -382,6 +432,8 @@ def build(deb_dir: Path, work: Path, any_version: bool = False) -> dict[str, byt
     specs = (
         ("python-docs", "python_docs.jsonl.xz", DOCS_ROOT, build_python_docs, None, "corpora"),
         ("fortunes", "fortunes.jsonl.xz", FORTUNES_ROOT, build_fortunes, "topic", "topics"),
+        ("devils-dictionary", "devils_dictionary.jsonl.xz", DEVIL_ROOT, build_devils_dictionary, None,
+         "corpora"),
     )
     for name, filename, subdir, builder, key, kind in specs:
         deb = find_deb(deb_dir, PACKAGES[name], any_version)

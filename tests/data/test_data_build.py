@@ -91,3 +91,23 @@ def test_split_buckets_follow_the_bounds(build):
     assert splits == [build.split_of(k, "salt:", bounds) for k in keys]  # stable
     share = {s: splits.count(s) / len(splits) for s in ("train", "validation", "test")}
     assert 0.87 < share["train"] < 0.93 and 0.03 < share["validation"] < 0.07
+
+
+def test_dictd_numbers_and_entries_follow_the_index(build):
+    # dictd numbers are base 64 ("A"=0 ... "/"=63), most significant digit first.
+    assert build.dictd_number("A") == 0 and build.dictd_number("/") == 63
+    assert build.dictd_number("BA") == 64 and build.dictd_number("Bk") == 64 + 36
+    data = b"HEADER\nALPHA, n.  First.  \n\n  verse  \nBETA, n.  Second.\n"
+    def num(v):
+        digits = ""
+        while True:
+            digits = build._B64[v % 64] + digits
+            v //= 64
+            if not v:
+                return digits
+    a, b = data.index(b"ALPHA"), data.index(b"BETA")
+    index = "\n".join([f"00databaseinfo\t{num(0)}\t{num(7)}", f"alpha\t{num(a)}\t{num(b - a)}",
+                       f"alpha2\t{num(a)}\t{num(b - a)}", f"beta\t{num(b)}\t{num(len(data) - b)}"])
+    entries = build.parse_dictd(index, data)
+    # headers skipped, a shared entry once under its first headword, edges and trailing spaces stripped
+    assert entries == [("alpha", "ALPHA, n.  First.\n\n  verse"), ("beta", "BETA, n.  Second.")]

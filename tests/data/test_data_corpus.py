@@ -34,7 +34,7 @@ def _norm(text: str) -> str:
 def test_manifest_sha256_and_sizes_match_the_shipped_files():
     m = manifest()
     entries = {**m["corpora"], **m["topics"]}
-    assert set(entries) == {"python-docs", "fortunes"}
+    assert set(entries) == {"python-docs", "fortunes", "devils-dictionary"}
     total = 0
     for entry in entries.values():
         blob = (CORPORA / entry["file"]).read_bytes()
@@ -115,7 +115,7 @@ def test_loaders_return_fresh_lists():
 
 
 def test_unknown_names_and_splits_list_the_valid_ones():
-    assert corpus_names() == ["python-docs"] and topic_names() == ["fortunes"]
+    assert corpus_names() == ["devils-dictionary", "python-docs"] and topic_names() == ["fortunes"]
     with pytest.raises(ValueError, match=r"python-docs"):
         load_corpus("wikitext")
     with pytest.raises(ValueError, match=r"'train', 'validation', 'test'"):
@@ -124,3 +124,16 @@ def test_unknown_names_and_splits_list_the_valid_ones():
         load_topics("fortunes", "validation")
     with pytest.raises(ValueError, match=r"fortunes"):
         load_topics("news")
+
+
+def test_devils_dictionary_is_split_by_entry_with_a_test_split_for_perplexity():
+    records = corpus_records("devils-dictionary")
+    texts = [r["text"] for r in records]
+    assert len(texts) == len(set(texts)), "an entry appears twice"
+    # entries sharing a headword (several senses) share its split: the split is the headword's
+    assert corpus_splits("devils-dictionary") == ["train", "validation", "test"]
+    for r in records:
+        assert r["split"] == ("train" if _bucket(r["doc"], "rankwise-devils-dictionary-v1:") < 80 else
+                              "validation" if _bucket(r["doc"], "rankwise-devils-dictionary-v1:") < 90 else "test")
+        assert r["text"][:1].isupper() and r["text"] == r["text"].strip()  # "HEADWORD, n.  ..."
+    assert sum(map(len, load_corpus("devils-dictionary", "test"))) > 30_000

@@ -16,7 +16,7 @@ _DESCRIPTION = __doc__
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `shrink` subcommand."""
-    from rankwise.pipeline.config import HEAL_METHODS
+    from rankwise.pipeline.config import HEAL_DATA, HEAL_METHODS
 
     parser = subparsers.add_parser(
         "shrink", help="compress -> compensate -> heal -> export a model in one command",
@@ -29,14 +29,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--heal-minutes", type=float, default=15.0,
                         help="wall-clock budget of the healing fine-tune in minutes (default 15; 0 skips)")
     parser.add_argument("--heal-method", choices=HEAL_METHODS, default="lowrank",
-                        help="lowrank: train the factors (default, measured best); lora: LoRA on the factors, "
-                             "merged into them; distill: factors trained against the dense model; none")
+                        help="lowrank: the factors on the causal-LM loss (default); distill: the factors trained "
+                             "against the dense model (KL + feature MSE); lora: LoRA on the factors, merged; none")
+    parser.add_argument("--heal-data", choices=HEAL_DATA, default="text",
+                        help="healing text: text (default: --text or python-docs), teacher (sampled from the dense "
+                             "model, data-free), mixture (python-docs + fortunes), auto (--text if given, else teacher)")
+    parser.add_argument("--teacher-samples", type=int, default=128,
+                        help="sequences of 256 tokens sampled from the dense model for teacher text (default 128)")
     parser.add_argument("--no-compensation", action="store_true", help="do not try EoRA compensation")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
     parser.add_argument("--method", default="auto",
                         help="compression method (default auto: measure the candidates on held-out data)")
     parser.add_argument("--allocation", default=None, help="rank allocation (default: measured / the method's)")
-    parser.add_argument("--calib-source", default=None, help="calibration text (default: the embedded corpus)")
+    parser.add_argument("--calib-source", default="mixture",
+                        help="calibration text: mixture (default: python-docs + fortunes, measured best on held-out "
+                             "domains), teacher (sampled from the dense model), a corpus name or a file")
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="calibration sequence length (default 256)")
     parser.add_argument("--text", default=None,
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         compensation=not args.no_compensation, resume=args.resume, progress=not args.no_progress,
         stop_after=args.stop_after, keep_stages=args.keep_stages, n_samples=args.calib_samples,
         seq_len=args.calib_seq_len, heal_lr=args.heal_lr, heal_steps=args.heal_steps,
-        eval_tokens=args.eval_tokens,
+        eval_tokens=args.eval_tokens, heal_data=args.heal_data, teacher_samples=args.teacher_samples,
     )
     if args.json:
         print(json.dumps(result.stages, indent=2, default=str))

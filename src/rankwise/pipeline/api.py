@@ -76,7 +76,8 @@ def shrink(
     out: str | Path,
     heal_minutes: float = 15.0,
     heal_method: str = "lowrank",
-    calibration: Any = None,
+    heal_data: str = "text",
+    calibration: Any = "mixture",
     text: Any = None,
     tokenizer: Any = None,
     method: str = "auto",
@@ -97,10 +98,15 @@ def shrink(
         ratio: fraction of the targeted layers' parameters to remove, in (0, 1).
         out: output directory; `rankwise.load_model(out)` reloads the result in one call.
         heal_minutes: wall-clock budget of the healing fine-tune (0 skips healing).
-        heal_method: "lowrank" (train the factors only, WeLore-style; the measured default),
-            "lora" (LoRA on the factors, merged into them), "distill" (factors trained against the
-            dense model: logit KL + PELA block-feature MSE) or "none".
-        calibration: calibration text source for compression (default: the embedded corpus).
+        heal_method: "lowrank" (the factors on the causal-LM loss, WeLore-style; the default
+            measured in domain), "distill" (the factors trained against the dense model: logit KL
+            + PELA block-feature MSE), "lora" (LoRA on the factors, merged into them) or "none".
+        heal_data: what healing reads: "text" (default: `text`, or python-docs), "teacher" (text
+            sampled from the dense model, LLM-QAT's data-free recipe), "mixture" (python-docs +
+            fortunes), or "auto" (`text` when given, else "teacher").
+        calibration: calibration text for compression: "mixture" (default: python-docs and
+            fortunes windows in equal shares, measured best on held-out domains), "teacher", a
+            corpus name, a text source or input_ids; None = python-docs.
         text: healing text (default: the embedded python-docs train split); a file, glob or list
             of documents is cut 90/10 into training and held-out tokens.
         tokenizer: needed when `model_or_name` is a model object without a name.
@@ -118,7 +124,7 @@ def shrink(
             Not part of any stage's settings.
         **options: further ShrinkConfig fields (n_samples, seq_len, seed, target_modules,
             select_tokens, heal_steps, heal_lr, heal_batch_size, heal_seq_len, lora_rank,
-            distill_alpha, eval_tokens, latency).
+            distill_alpha, teacher_samples, eval_tokens, latency).
 
     Returns:
         ShrinkResult (records of every stage; `.summary()` is the table the CLI prints).
@@ -129,7 +135,7 @@ def shrink(
     config = ShrinkConfig(model=str(name_hint or ""), ratio=ratio, method=method, allocation=allocation,
                           calibration=calibration, text=text, compensation=compensation,
                           compensation_ranks=tuple(compensation_ranks), heal_method=heal_method,
-                          heal_minutes=heal_minutes, **options)
+                          heal_data=heal_data, heal_minutes=heal_minutes, **options)
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
     out = Path(out)
@@ -174,7 +180,8 @@ def shrink(
         bar.close()
         logger.warning("earlier stage models are gone: recomputing every stage")
         return shrink(model_or_name if isinstance(model_or_name, nn.Module) else name, ratio, out=out,
-                      heal_minutes=heal_minutes, heal_method=heal_method, calibration=calibration, text=text,
+                      heal_minutes=heal_minutes, heal_method=heal_method, heal_data=heal_data,
+                      calibration=calibration, text=text,
                       tokenizer=tokenizer, method=method, allocation=allocation, compensation=compensation,
                       compensation_ranks=compensation_ranks, resume=False, progress=progress,
                       stop_after=stop_after, keep_stages=keep_stages, cache=cache, **options)
@@ -193,7 +200,7 @@ class _Restart(Exception):
 
 def _dense_record(ctx: Any, state: PipelineState) -> dict[str, Any]:
     """Dense reference numbers (kept in the state so a resumed run does not re-measure them)."""
-    if "dense" in state.extra:
+    if "dense" in state.extra and "domains" in state.extra["dense"]:
         return state.extra["dense"]
     key = f"dense_record:{ctx.config.eval_tokens}"
     if key in ctx._cache:  # shared cache: measured by an earlier call
@@ -204,8 +211,9 @@ def _dense_record(ctx: Any, state: PipelineState) -> dict[str, Any]:
     from rankwise.surgery import count_parameters
 
     ctx.status("dense perplexity")
-    rec = {"heldout_ppl": heldout_perplexity(ctx.dense, ctx.heldout),
-           "test_ppl": test_perplexity(ctx.dense, ctx.tokenizer, ctx.config.eval_tokens),
+    test_ppl = test_perplexity(ctx.dense, ctx.tokenizer, ctx.config.eval_tokens)
+    rec = {"heldout_ppl": heldout_perplexity(ctx.dense, ctx.heldout), "test_ppl": test_ppl,
+           "domains": ctx.domain_perplexities(ctx.dense, test_ppl),
            "params_targets": target_params(ctx.dense, ctx.targets), "ratio_targets": 0.0,
            "params_model": count_parameters(ctx.dense), "ratio_model": 0.0, "seconds": 0.0}
     state.set_extra("dense", rec)
@@ -243,8 +251,8 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
     import rankwise
     from rankwise.compress import save_compressed
     from rankwise.io import write_json, write_text
-    from rankwise.pipeline.measure import decode_latency_vs, latency_vs
-    from rankwise.pipeline.report import final_compression_report, render_markdown
+    from rankwise.pipeline.measure import decode_latency_vs, generations, latency_vs
+    from rankwise.pipeline.report import domain_summary, final_compression_report, render_markdown
     from rankwise.pipeline.structure import fold_compensation, layer_table
     from rankwise.surgery import count_parameters
 
@@ -272,15 +280,24 @@ def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
         diff = (reloaded(ids).logits - model.eval()(ids).logits).abs().max().item()
     record["reload"] = {"max_abs_diff": diff, "via": via}
     del reloaded
+    from rankwise.layers.fused import fuse_siblings_, unfuse_
+
+    # horizontal fusion (q/k/v, gate/up share an input: one matmul for their A factors) is how the
+    # model is meant to run; latency and generations are measured fused, then it is undone
+    record["fused_groups"] = len(fuse_siblings_(model))
     if ctx.config.latency:
         ctx.status("export: latency vs dense")
         record["latency"] = latency_vs(model, ctx.dense)
         record["first_token_latency"] = latency_vs(model, ctx.dense, first_token=True)
         record["decode_latency"] = decode_latency_vs(model, ctx.dense)
+    ctx.status("export: generations")
+    record["generations"] = generations(model, ctx.dense, ctx.tokenizer)
+    unfuse_(model)
     record["layers"] = layer_table(model, ctx.targets)
     record["params_model"] = count_parameters(model)
+    record["domains_used"] = used = ctx.domains_used()
     record["seconds"] = time.perf_counter() - start
     all_stages = dict(stages, export=record)
     write_text(out / REPORT, render_markdown(all_stages, config))
-    write_json(out / RECORD, {"config": config, "stages": all_stages})
+    write_json(out / RECORD, {"config": config, "domains": domain_summary(all_stages, used), "stages": all_stages})
     return model, record

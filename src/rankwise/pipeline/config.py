@@ -13,10 +13,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["HEAL_METHODS", "STAGES", "ShrinkConfig"]
+__all__ = ["CALIBRATION_SOURCES", "HEAL_DATA", "HEAL_METHODS", "STAGES", "ShrinkConfig"]
 
 STAGES: tuple[str, ...] = ("compress", "compensate", "heal", "export")
 HEAL_METHODS: tuple[str, ...] = ("lora", "lowrank", "distill", "none")
+# What healing reads (rankwise.pipeline.distill): "text" (default: the user's text, or the
+# python-docs train split), "mixture", "teacher" (text sampled from the dense model, data-free),
+# "auto" = the user's text when one is given, else teacher text.
+HEAL_DATA: tuple[str, ...] = ("auto", "text", "mixture", "teacher")
+# Calibration sources with a meaning of their own (anything else goes to rankwise.compress):
+# "mixture" = equal shares of python-docs and fortunes windows, "teacher" = dense-model samples.
+CALIBRATION_SOURCES: tuple[str, ...] = ("mixture", "teacher")
 
 # Training-free candidates tried by method="auto": (method, allocation). Whitened SVD with its
 # SVDs shared across allocations, plus SVD-LLM's closed-form update on the best allocation.
@@ -30,10 +37,10 @@ AUTO_UPDATES: tuple[str, ...] = ("svd-llm-update",)
 # Which settings each stage reads (a resumed stage is valid while these are unchanged).
 _STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "compress": ("model", "ratio", "method", "allocation", "calibration", "n_samples", "seq_len",
-                 "seed", "target_modules", "text", "select_tokens"),
+                 "seed", "target_modules", "text", "select_tokens", "teacher_samples"),
     "compensate": ("compensation", "compensation_ranks"),
     "heal": ("heal_method", "heal_minutes", "heal_steps", "heal_lr", "heal_batch_size",
-             "heal_seq_len", "lora_rank", "distill_alpha"),
+             "heal_seq_len", "lora_rank", "distill_alpha", "heal_data"),
     "export": ("eval_tokens", "latency"),
 }
 
@@ -46,7 +53,7 @@ class ShrinkConfig:
     ratio: float = 0.2
     method: str = "auto"
     allocation: str | None = None
-    calibration: Any = None
+    calibration: Any = "mixture"
     n_samples: int = 32
     seq_len: int = 256
     seed: int = 0
@@ -56,6 +63,8 @@ class ShrinkConfig:
     compensation: bool = True
     compensation_ranks: tuple[int, ...] = (16, 32)
     heal_method: str = "lowrank"
+    heal_data: str = "text"
+    teacher_samples: int = 128
     heal_minutes: float = 15.0
     heal_steps: int | None = None
     heal_lr: float | None = None
@@ -79,8 +88,10 @@ class ShrinkConfig:
                              "(0 or heal_method='none' skips healing)")
         if self.heal_steps is not None and self.heal_steps < 0:
             raise ValueError(f"heal_steps must be >= 0 or None, got {self.heal_steps}")
+        if self.heal_data not in HEAL_DATA:
+            raise ValueError(f"heal_data must be one of {list(HEAL_DATA)}, got {self.heal_data!r}")
         for name in ("n_samples", "seq_len", "heal_batch_size", "heal_seq_len", "lora_rank",
-                     "select_tokens", "eval_tokens"):
+                     "select_tokens", "eval_tokens", "teacher_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -99,6 +110,13 @@ class ShrinkConfig:
 
             if self.allocation not in ALLOCATIONS:
                 raise ValueError(f"allocation must be one of {list(ALLOCATIONS)} or None, got {self.allocation!r}")
+
+    @property
+    def healing_source(self) -> str:
+        """The healing text actually used: heal_data with "auto" resolved."""
+        if self.heal_data != "auto":
+            return self.heal_data
+        return "text" if self.text is not None else "teacher"
 
     @property
     def heals(self) -> bool:

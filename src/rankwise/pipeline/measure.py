@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["decode_latency_vs", "heldout_perplexity", "latency_vs", "split_text", "test_perplexity"]
+__all__ = ["decode_latency_vs", "domain_perplexities", "heldout_perplexity", "latency_vs", "split_text",
+           "test_perplexity"]
 
 HELDOUT_FRACTION = 0.1
 
@@ -71,6 +72,16 @@ def test_perplexity(model: nn.Module, tokenizer: Any, max_tokens: int) -> float:
     model.eval()
     return evaluate_split(model, tokenizer, "python-docs", "test", max_tokens=max_tokens,
                           seq_len=_window(model, 512), progress=False)["perplexity"]
+
+
+def domain_perplexities(model: nn.Module, tokenizer: Any, max_tokens: int,
+                        domains: Any = None) -> dict[str, float]:
+    """Perplexity on the test split of every embedded LM domain (rankwise.data.domains), first
+    `max_tokens` tokens each (512-token windows): the per-domain figures every report shows."""
+    from rankwise.data.domains import DOMAINS, domain_stream
+
+    return {name: heldout_perplexity(model, domain_stream(name, "test", tokenizer, max_tokens=max_tokens))
+            for name in (domains or DOMAINS)}
 
 
 def _first_token_kwargs(model: nn.Module) -> dict[str, Any] | None:
@@ -150,3 +161,27 @@ def decode_latency_vs(model: nn.Module, reference: nn.Module, *, prompt_tokens: 
     m, r = statistics.median(mine), statistics.median(ref)
     return {"ms_per_token": 1e3 * m, "dense_ms_per_token": 1e3 * r, "latency_vs_dense": m / r,
             "prompt_tokens": prompt_tokens, "steps": steps, "repeats": repeats}
+
+
+PROMPTS: tuple[str, ...] = ("The capital of France is", "Once upon a time, there was a",
+                            "The best way to learn a new language is")
+
+
+@torch.inference_mode()
+def generations(model: nn.Module, reference: nn.Module, tokenizer: Any, prompts: tuple[str, ...] = PROMPTS,
+                tokens: int = 20) -> list[dict[str, str]] | None:
+    """Greedy continuations (`tokens` new tokens) of the same prompts by `reference` (dense) and
+    `model`: what a user sees first. None for models that cannot generate."""
+    if tokenizer is None or not hasattr(model, "generate") or not hasattr(reference, "generate"):
+        return None
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        row = {"prompt": prompt}
+        for key, net in (("dense", reference), ("shrunk", model)):
+            net.eval()
+            out = net.generate(ids, max_new_tokens=tokens, do_sample=False,
+                               pad_token_id=getattr(tokenizer, "eos_token_id", None))
+            row[key] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        rows.append(row)
+    return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["final_compression_report", "render_markdown", "summary_table"]
+__all__ = ["domain_summary", "domain_table", "final_compression_report", "render_markdown", "summary_table"]
 
 _ROWS = (("dense", "dense model"), ("compress", "compress"), ("compensate", "+ compensation"),
          ("heal", "+ healing"))
@@ -21,8 +21,52 @@ def _row_values(dense: dict[str, Any], rec: dict[str, Any]) -> tuple[str, ...]:
             f"{rec.get('seconds', 0.0):.0f}")
 
 
+def _training_free(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return stages.get("compensate") if stages.get("compensate", {}).get("domains") else stages.get("compress", {})
+
+
+def domain_summary(stages: dict[str, dict[str, Any]], used: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Per domain: perplexity x dense after healing (the final model) and training-free, and
+    whether the domain is held out (read by neither calibration nor healing); worst held-out first."""
+    dense = stages.get("dense", {}).get("domains") or {}
+    free = _training_free(stages).get("domains") or {}
+    healed = (stages.get("heal") or {}).get("domains") or free
+    seen = set(used.get("calibration", [])) | set(used.get("healing", []))
+    rows = {d: {"healed_x_dense": healed[d] / dense[d] if d in healed else None,
+                "training_free_x_dense": free[d] / dense[d] if d in free else None,
+                "held_out": d not in seen, "dense_ppl": dense[d],
+                "calibration": d in used.get("calibration", []), "healing": d in used.get("healing", [])}
+            for d in dense}
+    return dict(sorted(rows.items(), key=lambda kv: (not kv[1]["held_out"], -(kv[1]["healed_x_dense"] or 0))))
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}x"
+
+
+def domain_table(stages: dict[str, dict[str, Any]], used: dict[str, list[str]]) -> str:
+    """Plain-text per-domain table (x dense), the worst held-out domain first."""
+    rows = domain_summary(stages, used)
+    if not rows:
+        return ""
+    head = ("domain", "held out", "final x dense", "training-free x dense", "dense ppl", "used by")
+    body = []
+    for d, r in rows.items():
+        by = ", ".join(k for k in ("calibration", "healing") if r[k]) or "-"
+        body.append((d, "yes" if r["held_out"] else "no", _x(r["healed_x_dense"]), _x(r["training_free_x_dense"]),
+                     f"{r['dense_ppl']:.2f}", by))
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    fmt_row = "  ".join(f"{{:<{w}}}" if i in (0, 5) else f"{{:>{w}}}" for i, w in enumerate(widths))
+    held = [(d, r) for d, r in rows.items() if r["held_out"]]
+    lead = (f"worst held-out domain: {held[0][0]} at {held[0][1]['healed_x_dense']:.3f}x dense perplexity"
+            if held and held[0][1]["healed_x_dense"] is not None else "no held-out domain: every domain was seen")
+    lines = [lead, "", fmt_row.format(*head), fmt_row.format(*("-" * w for w in widths))]
+    return "\n".join(lines + [fmt_row.format(*r) for r in body])
+
+
 def summary_table(stages: dict[str, dict[str, Any]]) -> str:
-    """One plain-text table: perplexity, parameters and time after each stage."""
+    """Plain text: the per-domain table (worst held-out first), then perplexity, parameters and
+    time after each stage."""
     dense = stages.get("dense", {})
     head = ("stage", "held-out ppl", "test ppl", "x dense", "target params", "removed (targets)",
             "removed (model)", "seconds")
@@ -34,9 +78,18 @@ def summary_table(stages: dict[str, dict[str, Any]]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
     exp = stages.get("export", {})
+    if dense.get("domains"):
+        used = exp.get("domains_used") or {}
+        lines = [domain_table(stages, used), "", "python-docs (the decision data's domain) after each stage:", "",
+                 *lines]
+    if exp.get("latency") or exp.get("decode_latency"):
+        lines.append("")
+    if exp.get("fused_groups"):
+        lines.append(f"latency with horizontal fusion ({exp['fused_groups']} groups of sibling layers run their "
+                     "first factors as one matmul; rankwise.layers.fused.fuse_siblings_ after loading):")
     if exp.get("latency"):
         lat = exp["latency"]
-        lines.append(f"\nprefill latency (1 x {lat['tokens']} tokens, all logits): {lat['latency_ms']:.0f} ms vs dense "
+        lines.append(f"prefill latency (1 x {lat['tokens']} tokens, all logits): {lat['latency_ms']:.0f} ms vs dense "
                      f"{lat['dense_ms']:.0f} ms = {lat['latency_vs_dense']:.3f}x")
     if exp.get("first_token_latency"):
         ttft = exp["first_token_latency"]
@@ -89,9 +142,10 @@ def render_markdown(stages: dict[str, dict[str, Any]], config: dict[str, Any], *
         f"# rankwise shrink: {config.get('model')} at {config.get('ratio'):.0%} removed",
         "",
         "`ratio` is the fraction of parameters removed from the targeted layers (every linear but "
-        "the output head); the whole-model fraction is given too. Perplexity: held-out = decision "
-        "data (python-docs validation split or 10 % of the user's text); test = python-docs test "
-        f"split, first {config.get('eval_tokens')} tokens.",
+        "the output head); the whole-model fraction is given too. Per domain: perplexity x dense on "
+        f"each embedded domain's test split (first {config.get('eval_tokens')} tokens); a domain is held "
+        "out when neither calibration nor healing read it, and the worst held-out domain comes first. "
+        "held-out ppl = decision data (python-docs validation split or 10 % of the user's text).",
         "",
         "## Summary",
         "",
@@ -104,6 +158,12 @@ def render_markdown(stages: dict[str, dict[str, Any]], config: dict[str, Any], *
         *_choice_lines(stages),
         "",
     ]
+    if exp.get("generations"):
+        lines += ["## Generations (greedy, the same prompts)", "", "| prompt | dense | shrunk |", "|---|---|---|"]
+        for g in exp["generations"]:
+            cells = [g[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "dense", "shrunk")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     if exp.get("reload"):
         rl = exp["reload"]
         lines += [f"Reloaded with `rankwise.load_model(DIR)`: max |logit difference| {rl['max_abs_diff']:.2e}.", ""]

@@ -69,12 +69,62 @@ class RunContext:
 
             c = self.config
             self.status("calibration statistics")
-            ids, info = calibration_ids(self.dense, c.calibration, self.tokenizer, n_samples=c.n_samples,
+            source = self._calibration_source()
+            ids, info = calibration_ids(self.dense, source, self.tokenizer, n_samples=c.n_samples,
                                         seq_len=c.seq_len, seed=c.seed)
+            if c.calibration in ("mixture", "teacher"):  # config.CALIBRATION_SOURCES
+                info = info | {"source": c.calibration}
             stats = capture_input_stats(self.dense, ids, dict(self._dense_targets()), stats=("gram",),
                                         share_inputs=True, progress=False)
             self._cache["calib"] = (ids, info, stats)
         return self._cache["calib"]
+
+    def _calibration_source(self) -> Any:
+        """`config.calibration`, with "mixture" and "teacher" turned into input_ids."""
+        c = self.config
+        if c.calibration == "mixture":
+            from rankwise.data.domains import mixture_windows
+            from rankwise.pipeline.distill import MIXTURE
+
+            return mixture_windows(MIXTURE, self.tokenizer, c.n_samples, c.seq_len, seed=c.seed)
+        if c.calibration == "teacher":
+            ids = self.teacher_text()
+            if ids.shape[0] < c.n_samples or ids.shape[1] < c.seq_len:
+                raise ValueError(f"calibration='teacher' needs {c.n_samples} x {c.seq_len} tokens but "
+                                 f"teacher_samples={c.teacher_samples} x 256 were sampled: raise teacher_samples")
+            return ids[: c.n_samples, : c.seq_len]
+        return c.calibration
+
+    def teacher_text(self) -> torch.Tensor:
+        """(teacher_samples, max(256, heal_seq_len)) ids sampled from the dense model (LLM-QAT's
+        recipe; cached on disk by rankwise.data.teacher)."""
+        c = self.config
+        key = f"teacher:{c.teacher_samples}:{c.seed}:{max(256, c.heal_seq_len)}"
+        if key not in self._cache:
+            from rankwise.data.teacher import teacher_sequences
+
+            self.status("sampling teacher text")
+            self._cache[key] = teacher_sequences(
+                self.dense, c.teacher_samples, max(256, c.heal_seq_len), seed=c.seed,
+                vocab_size=len(self.tokenizer) if self.tokenizer is not None else None,
+                progress=lambda done, n: self.status(f"sampling teacher text {done}/{n}", quiet=True))
+        return self._cache[key]
+
+    def domains_used(self) -> dict[str, list[str]]:
+        """Which embedded LM domains calibration and healing read (the others are held out)."""
+        from rankwise.data.domains import DOMAINS
+        from rankwise.pipeline.distill import MIXTURE, domains_of
+
+        c = self.config
+        calib = c.calibration
+        if calib == "mixture":
+            cal = list(MIXTURE)
+        elif calib is None:
+            cal = ["python-docs"]
+        else:
+            cal = [calib] if isinstance(calib, str) and calib in DOMAINS else []
+        heal = domains_of(c.healing_source, c.text) if c.heals else []
+        return {"calibration": cal, "healing": heal}
 
     def heldout_grams(self) -> dict[str, Any]:
         """Input Grams of the dense model's targets on held-out tokens (per-layer decisions)."""
@@ -120,6 +170,16 @@ class RunContext:
     def _dense_targets(self) -> dict[str, nn.Module]:
         return {f: self.dense.get_submodule(f) for f in self.targets}
 
+    def domain_perplexities(self, model: nn.Module, python_docs_ppl: float) -> dict[str, float]:
+        """Test perplexity on every embedded LM domain (python-docs: the test_ppl just measured)."""
+        from rankwise.data.domains import DOMAINS
+        from rankwise.pipeline.measure import domain_perplexities
+
+        self.status("per-domain perplexity")
+        others = [d for d in DOMAINS if d != "python-docs"]
+        return {"python-docs": python_docs_ppl} | domain_perplexities(model, self.tokenizer, self.config.eval_tokens,
+                                                                       others)
+
     def working_copy(self) -> nn.Module:
         return copy.deepcopy(self.dense)
 
@@ -132,6 +192,7 @@ class RunContext:
         if test:
             self.status("test perplexity")
             record["test_ppl"] = test_perplexity(model, self.tokenizer, self.config.eval_tokens)
+            record["domains"] = self.domain_perplexities(model, record["test_ppl"])
         before = target_params(self.dense, self.targets)
         after = target_params(model, self.targets)
         total_before, total_after = count_parameters(self.dense), count_parameters(model)
@@ -305,6 +366,25 @@ def compensate_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- 3. heal
+def _healing_inputs(ctx: RunContext) -> tuple[Any, Any]:
+    """(batches, loss_fn) for heal_: None, None = the user's text with the method's own loss."""
+    from rankwise.pipeline import distill
+
+    c = ctx.config
+    source = c.healing_source
+    if source == "text":
+        return None, None
+    if source == "teacher":
+        seqs = ctx.teacher_text()[:, : c.heal_seq_len]
+        batches = distill.teacher_batches(seqs, c.heal_batch_size, seed=c.seed)
+    else:
+        from rankwise.data.domains import mixture_batches
+
+        batches = mixture_batches(distill.MIXTURE, ctx.tokenizer, c.heal_batch_size, c.heal_seq_len, seed=c.seed)
+    loss_fn = distill.distill_loss_fn(ctx.dense, c.distill_alpha) if c.heal_method == "distill" else None
+    return batches, loss_fn
+
+
 def heal_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """Fold EoRA paths into the factors, fine-tune within the budget, keep it if held-out improves."""
     from rankwise.pipeline.healing import heal_
@@ -323,12 +403,14 @@ def heal_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]) -> t
         left = f"{seconds / 60:.1f}/{c.heal_minutes:g} min" if budget else f"{step}/{c.heal_steps}"
         ctx.status(f"heal ({c.heal_method}): step {step}, loss {loss:.3f}, {left}", quiet=step % 10 != 0)
 
-    ctx.status(f"heal ({c.heal_method})")
+    batches, loss_fn = _healing_inputs(ctx)
+    ctx.status(f"heal ({c.heal_method}, {c.healing_source})")
     result = heal_(model, ctx.streams[0], method=c.heal_method, minutes=c.heal_minutes, max_steps=c.heal_steps,
                    teacher=ctx.dense if c.heal_method == "distill" else None, lr=c.heal_lr,
                    batch_size=c.heal_batch_size, seq_len=c.heal_seq_len, lora_rank=c.lora_rank,
-                   distill_alpha=c.distill_alpha, seed=c.seed, on_step=on_step)
+                   distill_alpha=c.distill_alpha, seed=c.seed, on_step=on_step, batches=batches, loss_fn=loss_fn)
     record["training"] = result.to_dict()
+    record["data"] = c.healing_source
     ppl = heldout_perplexity(model, ctx.heldout)
     record["heldout_ppl_trained"] = ppl
     record["kept"] = ppl < previous["heldout_ppl"]
