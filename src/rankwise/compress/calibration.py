@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.linalg import make_generator
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["MIN_TOKENS", "calibration_ids", "capture", "check_tokens", "find_targets"]
@@ -101,7 +103,7 @@ def _calibration_with_separator(tokenizer: Any, n: int, seq_len: int, source: An
     if windows < n:
         raise ValueError(f"{source!r} has only {stream.numel()} tokens; n * seq_len = {n * seq_len} needed: "
                          "lower n_samples or seq_len")
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # one seeded-generator helper (rankwise.linalg)
     blocks = stream[: windows * seq_len].view(windows, seq_len)
     return blocks[torch.randperm(windows, generator=gen)[:n]].clone()
 

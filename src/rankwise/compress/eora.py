@@ -139,8 +139,8 @@ class CompensatedLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The compressed weight W_c (out, in)."""
-        if hasattr(self.base_layer, "delta_weight"):
-            return self.base_layer.delta_weight()
+        if hasattr(self.base_layer, "dense_weight"):
+            return self.base_layer.dense_weight()
         return self.base_layer.weight
 
     def extra_repr(self) -> str:

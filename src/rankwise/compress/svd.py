@@ -202,7 +202,7 @@ def whitened_svd(weight: torch.Tensor, whitening: Whitening):
     """
     from rankwise import linalg
 
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    work = linalg.compute_dtype(weight.dtype)
     whitened = whitening.apply(weight.to(torch.float64)).to(work)
     return linalg.svd(whitened)
 

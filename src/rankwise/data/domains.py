@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from rankwise.linalg import make_generator
+
 __all__ = ["DOMAINS", "domain_splits", "domain_stream", "domain_texts", "mixture_batches", "mixture_windows"]
 
 DOMAINS: tuple[str, ...] = ("python-docs", "fortunes", "devils-dictionary")
@@ -76,7 +78,7 @@ def mixture_windows(names: Sequence[str], tokenizer: Any, n: int, seq_len: int, 
     if n < 1 or seq_len < 1:
         raise ValueError(f"n and seq_len must be positive, got n={n}, seq_len={seq_len}")
     pools = []
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # one seeded-generator helper (rankwise.linalg)
     for name in names:
         stream = domain_stream(name, split, tokenizer)
         count = stream.numel() // seq_len

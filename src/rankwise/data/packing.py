@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from rankwise.data.corpus import corpus_names, topic_names
 from rankwise.data.loaders import load_texts
+from rankwise.linalg import make_generator
 
 __all__ = ["PackedLMDataset", "calibration_batch", "pack_tokens", "token_stream"]
 
@@ -227,7 +228,7 @@ def calibration_batch(tokenizer: Any, n: int = 32, seq_len: int = 256, *,
             f"tokenizer, but n * seq_len = {n} * {seq_len} = {need} are needed: lower n or "
             "seq_len, or pass a larger source="
         )
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # one seeded-generator helper (rankwise.linalg)
     windows = stream.numel() // seq_len
     offset = int(torch.randint(stream.numel() - windows * seq_len + 1, (1,), generator=gen))
     blocks = stream[offset: offset + windows * seq_len].view(windows, seq_len)

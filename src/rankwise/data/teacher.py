@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.linalg import make_generator
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["GREEDY_TOKENS", "teacher_cache_path", "teacher_sequences"]
@@ -103,7 +105,7 @@ def teacher_sequences(model: nn.Module, n: int = 64, seq_len: int = 256, *, seed
     vocab = vocab_size or int(getattr(getattr(model, "config", None), "vocab_size", 0))
     if vocab < 1:
         raise ValueError("teacher_sequences needs the vocabulary size: pass vocab_size=")
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # one seeded-generator helper (rankwise.linalg)
     first = torch.randint(0, vocab, (n, 1), generator=gen)
     was = model.training
     model.eval()

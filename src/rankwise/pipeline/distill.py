@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.linalg import make_generator
 from rankwise.pipeline.healing import distill_loss
 
 __all__ = ["HEAL_DATA", "MIXTURE", "distill_loss", "distill_loss_fn", "lm_loss_fn", "teacher_batches"]
@@ -64,7 +65,7 @@ def teacher_batches(sequences: torch.Tensor, batch_size: int, seed: int = 0) -> 
     if n < batch_size:
         raise ValueError(f"{n} teacher sequences are fewer than one batch of {batch_size}: generate more "
                          "(teacher_samples) or lower heal_batch_size")
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # one seeded-generator helper (rankwise.linalg)
     while True:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size):

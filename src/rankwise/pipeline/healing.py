@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.layers.factorized import FactorizedLinear
+from rankwise.linalg import make_generator
 from rankwise.registry import registry
 from rankwise.train import dist
 from rankwise.train.runner import Runner
@@ -172,7 +173,7 @@ def _batches(stream: torch.Tensor, batch_size: int, seq_len: int, seed: int):
         raise ValueError(f"the healing text has {stream.numel()} tokens, fewer than one batch of "
                          f"{batch_size} x {seq_len}: lower heal_batch_size / heal_seq_len or pass more text")
     windows = stream[: n * seq_len].view(n, seq_len)
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)  # one seeded-generator helper (rankwise.linalg)
     while True:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size):

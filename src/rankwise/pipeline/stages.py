@@ -295,8 +295,8 @@ def _represented_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, CompensatedLinear):
         w = module.base_weight().detach().double() + (module.lora_B.weight.detach().double()
                                                       @ module.lora_A.weight.detach().double())
-    elif hasattr(module, "delta_weight"):
-        w = module.delta_weight().detach().double()
+    elif hasattr(module, "dense_weight"):
+        w = module.dense_weight().detach().double()
     else:
         w = module.weight.detach().double()
     return w

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rankwise.linalg import make_generator
 from rankwise.train.config import PretrainConfig
 
 __all__ = ["PretrainData", "batch_rows", "load_tokenizer", "prepare_data"]
@@ -90,7 +91,7 @@ def prepare_data(config: PretrainConfig, tokenizer: Any | None = None) -> tuple[
 
 @functools.lru_cache(maxsize=8)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = make_generator(seed * 1_000_003 + epoch)  # one seeded-generator helper (rankwise.linalg)
     return torch.randperm(n, generator=gen)
 
 
