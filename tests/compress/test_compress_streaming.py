@@ -32,6 +32,11 @@ def _same_directory(a, b, *, rtol=0.0, atol=0.0):
         torch.testing.assert_close(tb[k], ta[k], rtol=rtol, atol=atol, msg=k)
     ma, mb = (json.loads((d / "rankwise_compression.json").read_text()) for d in (a, b))
     assert ma["layers"] == mb["layers"] and ma["tied"] == mb["tied"] and ma["dtype"] == mb["dtype"]
+    # the same promises as save_compressed: checksums of every file, a config plain
+    # transformers refuses (naming rankwise.load_model)
+    assert set(mb["files"]) >= {"model.safetensors", "config.json"}
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert cb["model_type"] == ca["model_type"] and "rankwise.load_model" in cb["model_type"]
 
 
 @pytest.mark.parametrize("method, options", [
@@ -56,6 +61,19 @@ def test_streaming_equals_in_memory(tmp_path, source, calib_ids, method, options
     reloaded = rankwise.load_model(tmp_path / "stream")  # loads as any compressed directory
     torch.testing.assert_close(reloaded(calib_ids[:2]).logits, dense(calib_ids[:2]).logits,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_directory_checks_its_bytes(tmp_path, source, calib_ids):
+    import rankwise
+
+    compress_streaming(source, tmp_path / "s", "svd_llm", 0.3, calibration=calib_ids,
+                       progress=False)
+    weights = tmp_path / "s" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # overwrite tensor bytes, keep the header valid
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        rankwise.load_model(tmp_path / "s")
 
 
 @pytest.mark.parametrize("sequential", [False, True])

@@ -58,7 +58,8 @@ class Output:
 
         from rankwise import __version__
         from rankwise.compress.saving import FORMAT, MARKER, WEIGHTS
-        from rankwise.io import default_mode, write_json, write_text
+        from rankwise.compress import hf_guard
+        from rankwise.io import default_mode, digest_files, write_json, write_text
 
         pieces = ModelFiles(self.blocks)
         entries: dict[str, Any] = {}
@@ -74,6 +75,7 @@ class Output:
         shutil.rmtree(self.blocks)
         cfg = json.loads(model.config.to_json_string(use_diff=True))
         cfg["architectures"] = [type(model).__name__]
+        cfg = hf_guard.guard_config(cfg, self.specs)  # plain transformers refuses it, naming rankwise.load_model
         write_text(self.tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for name in ("generation_config.json", *_TOKENIZER_FILES):
             if (files.directory / name).is_file() and (tokenizer is None or name == "generation_config.json"):
@@ -84,6 +86,7 @@ class Output:
             "format": FORMAT, "rankwise_version": __version__, "architecture": type(model).__name__,
             "dtype": str(dtype).removeprefix("torch."), "layers": self.specs, "tied": dict(tied),
             "report": report.to_dict() if hasattr(report, "to_dict") else report,
+            "files": digest_files(self.tmp),  # checksums, verified on load as for save_compressed
         })
         os.chmod(self.tmp, default_mode(directory=True))
         old = None
