@@ -159,7 +159,7 @@ def fake_gguf(tmp_path, monkeypatch):
             model.save_pretrained(tmp_path / "refused")
         return model, _word_tokenizer()
 
-    monkeypatch.setattr(models, "_dequantize_gguf", dequantize)
+    monkeypatch.setattr(models.gguf_cache, "_dequantize_gguf", dequantize)
     return source, calls
 
 
