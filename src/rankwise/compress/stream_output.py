@@ -57,8 +57,8 @@ class Output:
         import json
 
         from rankwise import __version__
-        from rankwise.compress.saving import FORMAT, MARKER, WEIGHTS
         from rankwise.compress import hf_guard
+        from rankwise.compress.saving import FORMAT, MARKER, WEIGHTS
         from rankwise.io import default_mode, digest_files, write_json, write_text
 
         pieces = ModelFiles(self.blocks)
