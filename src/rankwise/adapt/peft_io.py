@@ -18,7 +18,7 @@ it is written as PEFT writes it, ``init_lora_weights="eva"`` with ``rank_pattern
 empty LoRA), and read back as per-layer LoRA adapters (the same ΔW). VeRA and AdaLoRA have
 their own PEFT formats (`peft_formats.py`).
 
-PiSSA (PEFT mutates the base weight to W_res, adapters.md §3). Both directions work from the
+PiSSA (Meng et al. 2024: PEFT mutates the base weight to W_res = W − U_r S_r V_rᵀ). Both directions work from the
 *original* base weights:
 
 * ``pissa_as="lora"`` (default): the PiSSA adapter becomes a plain rank-2r LoRA on the original

@@ -7,7 +7,7 @@ with trainable magnitude m (out,), initialised to ‖W‖_row, so W' = W at init
 PEFT's axis: ``get_weight_norm`` takes ``torch.linalg.norm(W + sBA, dim=1)`` on the (out, in)
 weight, one norm per output feature (the paper's "column norm" of its (in, out) layout).
 
-Forward without forming W' (PEFT ``DoraLinearLayer.forward``, adapters.md §2):
+Forward without forming W' (PEFT ``DoraLinearLayer.forward``; DoRA, Liu et al. 2024, eq. 5):
     y = base_out + (m/n − 1) ⊙ (W x̃) + (m/n) ⊙ s·B A x̃,   x̃ = dropout(x)
 where W x̃ is read off the base output (minus bias) when dropout is off or in eval mode.
 n is detached from the graph (paper §4.3), so only the gradient differs from full autodiff.
