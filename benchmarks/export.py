@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: drop this
-# folder from the import path (the script imports nothing from it)
+# a script here named like an installed package (transformers probes for `kernels`) would
+# shadow it: drop this folder from the import path (the script imports nothing from it)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports
+# a script here named like an installed package (transformers probes for `kernels`) would
+# shadow it: drop this folder from the import path (the script imports nothing from it)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

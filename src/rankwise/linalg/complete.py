@@ -27,7 +27,7 @@ Two solvers for these per-row systems (`method`):
   instead of |Omega| k^2. The paper's analysis tolerates the per-step errors; its exact sketch
   type and iteration counts are not fixed by the paper's statement of the algorithm, so the defaults
   here (s = 2k, 3 PCG steps) are ours, checked by the tests (recovery to 1e-6) and by
-  benchmarks/kernels.py. `preconditioner="jacobi"` (diagonal of A^T A) is the O(|Omega| k)
+  benchmarks/lowrank_kernels.py. `preconditioner="jacobi"` (diagonal of A^T A) is the O(|Omega| k)
   alternative: under incoherence A_a^T A_a ~= (n_a / n) I, so the diagonal is already good.
 
 Ridge: `ridge` is relative, lam = ridge * |Omega| / (m n): with the fixed factor orthonormal,
