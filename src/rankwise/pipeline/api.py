@@ -137,7 +137,7 @@ def shrink(
         raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
     out, t_start = Path(out), time.perf_counter()
     dense, tokenizer, name = _load(model_or_name, tokenizer)
-    config = config if config.model else config.replace(model=name)
+    config = config if config.model else config.replace(model=name)  # named after the loaded model
     run = _Run(config, dense, tokenizer, out, progress, cache, t_start)
     try:
         stages, model, state = run.stages(resume, stop_after)
@@ -146,9 +146,8 @@ def shrink(
         stages, model, state = run.stages(False, stop_after)
     if not keep_stages:
         state.clean_models()
-    if model is None:
-        model = _load_stage(out)
-    return ShrinkResult(out, stages, config.to_dict(), list(state.reused), model)
+    return ShrinkResult(out, stages, config.to_dict(), list(state.reused),
+                        model if model is not None else _load_stage(out))
 
 
 class _Run:

@@ -8,7 +8,6 @@ the per-domain perplexities are shared by the four stages (rankwise.pipeline.sta
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +18,6 @@ from torch import nn
 from rankwise.pipeline.config import ShrinkConfig
 from rankwise.pipeline.measure import heldout_perplexity, test_perplexity
 from rankwise.pipeline.structure import target_params
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["RunContext"]
 
