@@ -124,6 +124,23 @@ def test_a_killed_run_resumes_from_its_last_finished_stage(tmp_path, tokenizer, 
     assert again.stages["heal"]["training"]["steps"] == 2
 
 
+
+def test_a_resume_whose_stage_models_are_gone_recomputes_every_stage(tmp_path, tokenizer, docs, calib,
+                                                                      monkeypatch, make_llama, fast):
+    from rankwise.pipeline import stages
+
+    kw = dict(out=tmp_path / "o", tokenizer=tokenizer, text=docs, calibration=calib, method="svd-llm",
+              allocation="uniform", latency=False, compensation=False, **fast)
+    first = shrink(make_llama(len(tokenizer)), 0.2, **kw)  # stage models removed after export
+    calls: list[str] = []
+    real = stages.compress_stage
+    monkeypatch.setattr(stages, "compress_stage", lambda ctx: calls.append("compress") or real(ctx))
+    # healing changed: compress/compensate records are valid but their models are gone -> start over
+    again = shrink(make_llama(len(tokenizer)), 0.2, resume=True, **(kw | {"heal_steps": 1}))
+    assert calls == ["compress"] and again.reused == []
+    assert again.stages["compress"]["heldout_ppl"] == first.stages["compress"]["heldout_ppl"]
+    assert again.stages["heal"]["training"]["steps"] == 1
+
 def test_exported_directory_reloads_with_equal_outputs_and_generates(run, tokenizer):
     from rankwise.layers.factorized import FactorizedLinear
 

@@ -8,49 +8,31 @@ parameters, latency and the per-layer ranks. A killed run continues with `--resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
 _DESCRIPTION = __doc__
 
+# Flags whose names differ from their ShrinkConfig field: kept working as hidden aliases.
+_ALIASES: dict[str, str] = {"--calib-source": "calibration", "--calib-samples": "n_samples",
+                            "--calib-seq-len": "seq_len"}
+
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `shrink` subcommand."""
-    from rankwise.pipeline.config import HEAL_DATA, HEAL_METHODS
+    """Add the `shrink` subcommand: one flag per ShrinkConfig field, plus the run's own flags."""
+    from rankwise.config import add_arguments
+    from rankwise.pipeline.config import ShrinkConfig
 
     parser = subparsers.add_parser(
         "shrink", help="compress -> compensate -> heal -> export a model in one command",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="bundled model name (smollm2-135m) or a model directory")
-    parser.add_argument("--ratio", type=float, default=0.2,
-                        help="fraction of the targeted layers' parameters to remove, in (0, 1) (default 0.2)")
     parser.add_argument("--out", required=True, help="output directory (reload with rankwise.load_model(DIR))")
-    parser.add_argument("--heal-minutes", type=float, default=15.0,
-                        help="wall-clock budget of the healing fine-tune in minutes (default 15; 0 skips)")
-    parser.add_argument("--heal-method", choices=HEAL_METHODS, default="lowrank",
-                        help="lowrank: the factors on the causal-LM loss (default); distill: the factors trained "
-                             "against the dense model (KL + feature MSE); lora: LoRA on the factors, merged; none")
-    parser.add_argument("--heal-data", choices=HEAL_DATA, default="text",
-                        help="healing text: text (default: --text or python-docs), teacher (sampled from the dense "
-                             "model, data-free), mixture (python-docs + fortunes), auto (--text if given, else teacher)")
-    parser.add_argument("--teacher-samples", type=int, default=128,
-                        help="sequences of 256 tokens sampled from the dense model for teacher text (default 128)")
-    parser.add_argument("--no-compensation", action="store_true", help="do not try EoRA compensation")
+    add_arguments(parser, ShrinkConfig)
+    _add_aliases(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
-    parser.add_argument("--method", default="auto",
-                        help="compression method (default auto: measure the candidates on held-out data)")
-    parser.add_argument("--allocation", default=None, help="rank allocation (default: measured / the method's)")
-    parser.add_argument("--calib-source", default="mixture",
-                        help="calibration text: mixture (default: python-docs + fortunes, measured best on held-out "
-                             "domains), teacher (sampled from the dense model), a corpus name or a file")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    parser.add_argument("--calib-seq-len", type=int, default=256, help="calibration sequence length (default 256)")
-    parser.add_argument("--text", default=None,
-                        help="healing text: corpus name, .txt/.jsonl file, folder or glob (default: python-docs train)")
-    parser.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: the method's)")
-    parser.add_argument("--heal-steps", type=int, default=None, help="also stop healing after this many steps")
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="test-split tokens for the report (default 8192)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--stop-after", default=None, help=argparse.SUPPRESS)  # injected failure (tests)
     parser.add_argument("--keep-stages", action="store_true", help="keep every stage's model after export")
@@ -60,12 +42,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_aliases(parser: argparse.ArgumentParser) -> None:
+    """Hidden flags for the fields in `_ALIASES`, parsed like the field's generated flag."""
+    generated = {action.dest: action for action in parser._actions}
+    for flag, dest in _ALIASES.items():
+        action = generated[dest]
+        parser.add_argument(flag, dest=dest, type=action.type, choices=action.choices,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline and print the summary; returns the exit status."""
-    if not 0 < args.ratio < 1:
-        raise ValueError(f"--ratio {args.ratio} is outside (0, 1): pass the fraction of parameters to remove, e.g. 0.2")
+    from rankwise.config import from_args
     from rankwise.io import check_output
+    from rankwise.pipeline.config import ShrinkConfig
 
+    config = from_args(ShrinkConfig, args)  # validates every setting before any work
     check_output(args.out, sources=(args.model,), flag="--out")  # before any work
     if args.threads:
         import torch
@@ -73,14 +65,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from rankwise.pipeline import shrink
 
-    result = shrink(
-        args.model, args.ratio, out=args.out, heal_minutes=args.heal_minutes, heal_method=args.heal_method,
-        calibration=args.calib_source, text=args.text, method=args.method, allocation=args.allocation,
-        compensation=not args.no_compensation, resume=args.resume, progress=not args.no_progress,
-        stop_after=args.stop_after, keep_stages=args.keep_stages, n_samples=args.calib_samples,
-        seq_len=args.calib_seq_len, heal_lr=args.heal_lr, heal_steps=args.heal_steps,
-        eval_tokens=args.eval_tokens, heal_data=args.heal_data, teacher_samples=args.teacher_samples,
-    )
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cli", True)}
+    result = shrink(args.model, out=args.out, resume=args.resume, progress=not args.no_progress,
+                    stop_after=args.stop_after, keep_stages=args.keep_stages, **settings)
     if args.json:
         print(json.dumps(result.stages, indent=2, default=str))
     else:

@@ -129,69 +129,81 @@ def shrink(
     Returns:
         ShrinkResult (records of every stage; `.summary()` is the table the CLI prints).
     """
-    from tqdm.auto import tqdm
-
-    name_hint = model_or_name if isinstance(model_or_name, str | Path) else None
-    config = ShrinkConfig(model=str(name_hint or ""), ratio=ratio, method=method, allocation=allocation,
-                          calibration=calibration, text=text, compensation=compensation,
-                          compensation_ranks=tuple(compensation_ranks), heal_method=heal_method,
-                          heal_data=heal_data, heal_minutes=heal_minutes, **options)
+    config = ShrinkConfig(model=str(model_or_name) if isinstance(model_or_name, str | Path) else "",
+                          ratio=ratio, method=method, allocation=allocation, calibration=calibration,
+                          text=text, compensation=compensation, compensation_ranks=tuple(compensation_ranks),
+                          heal_method=heal_method, heal_data=heal_data, heal_minutes=heal_minutes, **options)
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
-    out = Path(out)
-    t_start = time.perf_counter()
+    out, t_start = Path(out), time.perf_counter()
     dense, tokenizer, name = _load(model_or_name, tokenizer)
-    if not config.model:
-        config.model = name
-    state = PipelineState(out, config, resume=resume)
-    bar = tqdm(total=len(STAGES), disable=not progress, desc="shrink", dynamic_ncols=True,
-               bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed} {postfix}")
-
-    from rankwise.pipeline.stages import RunContext
-
-    def status(msg: str, quiet: bool = False) -> None:
-        bar.set_postfix_str(msg, refresh=True)
-        if not progress and not quiet:
-            logger.info("shrink %s: %s", config.model, msg)
-
-    ctx = RunContext(config, dense, tokenizer, status=status)
-    ctx.use_cache(cache)
-    stages: dict[str, dict[str, Any]] = {}
-    model: nn.Module | None = None
+    config = config if config.model else config.replace(model=name)  # named after the loaded model
+    run = _Run(config, dense, tokenizer, out, progress, cache, t_start)
     try:
-        stages["dense"] = _dense_record(ctx, state)
-        for stage in STAGES:
-            bar.set_description(f"shrink [{stage}]")
-            if state.done(stage):
-                stages[stage] = state.stages[stage]
-                bar.update(1)
-                continue
-            if model is None and stage != "compress":
-                src = state.last_model_stage(stage)
-                if src is None:  # the earlier models were cleaned up: start over
-                    raise _Restart()
-                model = _load_stage(state.model_dir(src))
-            model, record = _run_stage(stage, ctx, model, stages, state, out, t_start)
-            stages[stage] = record
-            bar.update(1)
-            if stop_after == stage:
-                raise PipelineInterrupted(f"stopped after stage {stage!r} (stop_after): rerun with resume=True")
+        stages, model, state = run.stages(resume, stop_after)
     except _Restart:
-        bar.close()
         logger.warning("earlier stage models are gone: recomputing every stage")
-        return shrink(model_or_name if isinstance(model_or_name, nn.Module) else name, ratio, out=out,
-                      heal_minutes=heal_minutes, heal_method=heal_method, heal_data=heal_data,
-                      calibration=calibration, text=text,
-                      tokenizer=tokenizer, method=method, allocation=allocation, compensation=compensation,
-                      compensation_ranks=compensation_ranks, resume=False, progress=progress,
-                      stop_after=stop_after, keep_stages=keep_stages, cache=cache, **options)
-    finally:
-        bar.close()
+        stages, model, state = run.stages(False, stop_after)
     if not keep_stages:
         state.clean_models()
-    if model is None:
-        model = _load_stage(out)
-    return ShrinkResult(out, stages, config.to_dict(), list(state.reused), model)
+    return ShrinkResult(out, stages, config.to_dict(), list(state.reused),
+                        model if model is not None else _load_stage(out))
+
+
+class _Run:
+    """One shrink run over the loaded models: a progress bar, the run context and the stage loop."""
+
+    def __init__(self, config: ShrinkConfig, dense: nn.Module, tokenizer: Any, out: Path, progress: bool,
+                 cache: dict[str, Any] | None, t_start: float) -> None:
+        from rankwise.pipeline.context import RunContext
+
+        self.config, self.out, self.progress, self.t_start = config, out, progress, t_start
+        self.bar: Any = None
+        self.ctx = RunContext(config, dense, tokenizer, status=self.status)
+        self.ctx.use_cache(cache)
+
+    def status(self, msg: str, quiet: bool = False) -> None:
+        """Show `msg` on the progress bar (and log it when the bar is hidden)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg, refresh=True)
+        if not self.progress and not quiet:
+            logger.info("shrink %s: %s", self.config.model, msg)
+
+    def stages(self, resume: bool, stop_after: str | None
+               ) -> tuple[dict[str, dict[str, Any]], nn.Module | None, PipelineState]:
+        """Run (or reuse) every stage in order; raises _Restart when a resume cannot continue."""
+        from tqdm.auto import tqdm
+
+        state = PipelineState(self.out, self.config, resume=resume)
+        self.bar = tqdm(total=len(STAGES), disable=not self.progress, desc="shrink", dynamic_ncols=True,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed} {postfix}")
+        try:
+            stages: dict[str, dict[str, Any]] = {"dense": _dense_record(self.ctx, state)}
+            model: nn.Module | None = None
+            for stage in STAGES:
+                self.bar.set_description(f"shrink [{stage}]")
+                if state.done(stage):
+                    stages[stage] = state.stages[stage]
+                    self.bar.update(1)
+                    continue
+                if model is None and stage != "compress":
+                    model = _resume_model(state, stage)
+                model, stages[stage] = _run_stage(stage, self.ctx, model, stages, state, self.out, self.t_start)
+                self.bar.update(1)
+                if stop_after == stage:
+                    raise PipelineInterrupted(f"stopped after stage {stage!r} (stop_after): rerun with resume=True")
+            return stages, model, state
+        finally:
+            self.bar.close()
+            self.bar = None
+
+
+def _resume_model(state: PipelineState, stage: str) -> nn.Module:
+    """The model the last finished stage before `stage` saved (_Restart when it is gone)."""
+    src = state.last_model_stage(stage)
+    if src is None:  # the earlier models were cleaned up: start over
+        raise _Restart()
+    return _load_stage(state.model_dir(src))
 
 
 class _Restart(Exception):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from rankwise.config import Config, option
 
 __all__ = ["CALIBRATION_SOURCES", "HEAL_DATA", "HEAL_METHODS", "STAGES", "ShrinkConfig"]
 
 STAGES: tuple[str, ...] = ("compress", "compensate", "heal", "export")
-HEAL_METHODS: tuple[str, ...] = ("lora", "lowrank", "distill", "none")
 # What healing reads (rankwise.pipeline.distill): "text" (default: the user's text, or the
 # python-docs train split), "mixture", "teacher" (text sampled from the dense model, data-free),
 # "auto" = the user's text when one is given, else teacher text.
@@ -45,60 +46,90 @@ _STAGE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass
-class ShrinkConfig:
-    """Settings of one `shrink` run (see `shrink` for their meaning)."""
+def _heal_methods() -> tuple[str, ...]:
+    """Names of ``registry("healing")`` (registered by rankwise.pipeline.healing)."""
+    from rankwise.registry import registry
 
-    model: str = ""
-    ratio: float = 0.2
-    method: str = "auto"
-    allocation: str | None = None
-    calibration: Any = "mixture"
-    n_samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-    target_modules: Any = None
-    text: Any = None
-    select_tokens: int = 4096
-    compensation: bool = True
-    compensation_ranks: tuple[int, ...] = (16, 32)
-    heal_method: str = "lowrank"
-    heal_data: str = "text"
-    teacher_samples: int = 128
-    heal_minutes: float = 15.0
-    heal_steps: int | None = None
-    heal_lr: float | None = None
-    heal_batch_size: int = 4
-    heal_seq_len: int = 256
-    lora_rank: int = 16
-    distill_alpha: float = 1.0
-    eval_tokens: int = 8192
-    latency: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    return tuple(registry("healing").names())
+
+
+HEAL_METHODS: tuple[str, ...] = _heal_methods()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShrinkConfig(Config):
+    """Settings of one `shrink` run (see `shrink` for their meaning); frozen: use `replace`."""
+
+    model: str = option("", "model name or directory (filled in from the model when empty)", cli=False)
+    ratio: float = option(0.2, "fraction of the targeted layers' parameters to remove, in (0, 1)")
+    method: str = option("auto", "compression method (auto: measure the candidates on held-out data)")
+    allocation: str | None = option(None, "rank allocation (None: measured, or the method's own)")
+    calibration: Any = option(
+        "mixture", "calibration text: mixture (python-docs + fortunes, measured best on held-out "
+        "domains), teacher (sampled from the dense model), a corpus name or a file")
+    n_samples: int = option(32, "calibration sequences")
+    seq_len: int = option(256, "calibration sequence length")
+    seed: int = option(0, "seed of calibration sampling and healing")
+    target_modules: Any = option(None, "modules to compress (None: every block linear)", cli=False)
+    text: Any = option(None, "healing text: corpus name, .txt/.jsonl file, folder or glob "
+                             "(None: the python-docs train split)")
+    select_tokens: int = option(4096, "held-out tokens used to choose between candidates")
+    compensation: bool = option(True, "try EoRA compensation inside the budget")
+    compensation_ranks: tuple[int, ...] = option((16, 32), "EoRA ranks k to try")
+    heal_method: str = option(
+        "lowrank", "lowrank: the factors on the causal-LM loss; distill: the factors trained against "
+        "the dense model (KL + feature MSE); lora: LoRA on the factors, merged; none",
+        choices=HEAL_METHODS)
+    heal_data: str = option(
+        "text", "healing text: text (--text or python-docs), teacher (sampled from the dense model, "
+        "data-free), mixture (python-docs + fortunes), auto (--text if given, else teacher)",
+        choices=HEAL_DATA)
+    teacher_samples: int = option(128, "sequences of 256 tokens sampled from the dense model for teacher text")
+    heal_minutes: float = option(15.0, "wall-clock budget of the healing fine-tune in minutes (0 skips)")
+    heal_steps: int | None = option(None, "also stop healing after this many steps (None: time budget only)")
+    heal_lr: float | None = option(None, "healing learning rate (None: the method's)")
+    heal_batch_size: int = option(4, "healing batch size (sequences)")
+    heal_seq_len: int = option(256, "healing sequence length")
+    lora_rank: int = option(16, "LoRA rank for heal_method=lora")
+    distill_alpha: float = option(1.0, "weight of the feature MSE in distillation healing")
+    eval_tokens: int = option(8192, "test-split tokens for the report")
+    latency: bool = option(True, "measure latency against the dense model at export")
+    extra: dict[str, Any] = option(default_factory=dict, help="free-form values kept with the run",
+                                   cli=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compensation_ranks, str):
+            try:
+                ranks = tuple(int(k) for k in self.compensation_ranks)
+            except (TypeError, ValueError):
+                ranks = None
+            if ranks is not None:
+                object.__setattr__(self, "compensation_ranks", ranks)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Raise ValueError naming a bad setting and its fix, before any work starts."""
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0 < self.ratio < 1:
             raise ValueError(f"ratio {self.ratio!r} is outside (0, 1): pass the fraction of parameters "
                              "to remove, e.g. 0.2")
-        if self.heal_method not in HEAL_METHODS:
-            raise ValueError(f"heal_method must be one of {list(HEAL_METHODS)}, got {self.heal_method!r}")
+        super().validate()  # heal_method, heal_data choices
         if not isinstance(self.heal_minutes, int | float) or not math.isfinite(self.heal_minutes) \
                 or self.heal_minutes < 0:
             raise ValueError(f"heal_minutes must be a number >= 0, got {self.heal_minutes!r} "
                              "(0 or heal_method='none' skips healing)")
         if self.heal_steps is not None and self.heal_steps < 0:
             raise ValueError(f"heal_steps must be >= 0 or None, got {self.heal_steps}")
-        if self.heal_data not in HEAL_DATA:
-            raise ValueError(f"heal_data must be one of {list(HEAL_DATA)}, got {self.heal_data!r}")
         for name in ("n_samples", "seq_len", "heal_batch_size", "heal_seq_len", "lora_rank",
                      "select_tokens", "eval_tokens", "teacher_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        ranks = tuple(int(k) for k in self.compensation_ranks)
-        if any(k < 1 for k in ranks):
+        ranks = self.compensation_ranks
+        if not isinstance(ranks, tuple) or any(k < 1 for k in ranks):
             raise ValueError(f"compensation_ranks must be positive ints, got {self.compensation_ranks!r}")
-        self.compensation_ranks = ranks
+        self._validate_method()
+
+    def _validate_method(self) -> None:
         if self.method != "auto":
             from rankwise.compress.presets import get_preset
 
@@ -123,6 +154,7 @@ class ShrinkConfig:
         return self.heal_method != "none" and (self.heal_minutes > 0 or bool(self.heal_steps))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values; non-JSON ones (input_ids, objects) as their repr."""
         return json.loads(json.dumps(asdict(self), default=repr))
 
     def stage_fingerprint(self, stage: str) -> str:
