@@ -119,3 +119,16 @@ def test_magnitude_matches_peft(make_llama):
     for name, layer in adapt.adapter_layers(model).items():
         theirs = ref.base_model.model.get_submodule(name).lora_magnitude_vector["default"].weight
         torch.testing.assert_close(layer.adapter.magnitude.detach(), theirs.detach())
+
+
+def test_training_after_an_inference_mode_forward(toy):
+    """The cached norm of an evaluation under torch.inference_mode must not enter autograd
+    (a fine-tune evaluates, then trains on unchanged weights)."""
+    adapt.adapt_(toy, "dora", rank=2, target_modules=["fc1"])
+    layer, x = toy.fc1, torch.randn(4, 12)
+    with torch.inference_mode():
+        expected = layer(x)
+    got = layer(x)
+    got.pow(2).mean().backward()  # raised "Inference tensors cannot be saved for backward"
+    torch.testing.assert_close(got.detach(), expected)
+    assert layer.adapter.magnitude.grad is not None

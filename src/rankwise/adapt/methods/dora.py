@@ -62,7 +62,8 @@ class DoRA(LoRABase):
         dtype = compute_dtype(weight.dtype)
         A, B = self.A.detach(), self.B.detach()
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), dtype,
-               A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale)
+               A.data_ptr(), A._version, B.data_ptr(), B._version, self.scale,
+               torch.is_inference_mode_enabled())  # an inference tensor can't enter autograd
         cached = getattr(self, "_norm_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
