@@ -21,6 +21,7 @@ import io
 
 import pytest
 import torch
+from optim_toy import ProjectedToy, toy_batch
 from registered import optimizers
 from torch import nn
 
@@ -39,27 +40,11 @@ OPTIONS: dict[str, dict] = {
 }
 
 
-class Toy(nn.Module):
-    """attn/mlp linears (projected), a LayerNorm and a head (plain group)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.attn = nn.Linear(16, 12)
-        self.mlp = nn.Linear(12, 24)
-        self.norm = nn.LayerNorm(24)
-        self.head = nn.Linear(24, 3, bias=False)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(torch.tanh(self.mlp(torch.tanh(self.attn(x))))))
+Toy = ProjectedToy
 
 
 def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + i)
-    return torch.randn(8, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
+    return toy_batch(100 + i)
 
 
 def loss(model: nn.Module, i: int) -> torch.Tensor:

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from optim_toy import ProjectedToy, toy_batch
 
-
-class Tiny(nn.Module):
-    """Names follow GaLore's target rule: *attn* and *mlp* linears are projected, the rest not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.attn = nn.Linear(16, 12)
-        self.mlp = nn.Linear(12, 24)
-        self.norm = nn.LayerNorm(24)
-        self.head = nn.Linear(24, 3, bias=False)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(torch.tanh(self.mlp(torch.tanh(self.attn(x))))))
+Tiny = ProjectedToy
 
 
 def tiny_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + i)
-    return torch.randn(8, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    return toy_batch(100 + i)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from optim_toy import ProjectedToy, toy_batch
 from torch import nn
 
 CASES = [("ddp", "galore_adamw"), ("ddp", "apollo"), ("fsdp2", "fira"), ("fsdp2", "dct_adamw"),
@@ -16,25 +17,8 @@ CASES = [("ddp", "galore_adamw"), ("ddp", "apollo"), ("fsdp2", "fira"), ("fsdp2"
 STEPS = 4
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.attn = nn.Linear(16, 12)
-        self.mlp = nn.Linear(12, 24)
-        self.norm = nn.LayerNorm(24)
-        self.head = nn.Linear(24, 3, bias=False)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(torch.tanh(self.mlp(torch.tanh(self.attn(x))))))
-
-
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(8, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+Net = ProjectedToy
+_data = toy_batch
 
 
 def _optimizer(name: str, model: nn.Module):
