@@ -37,6 +37,9 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--heal-minutes", type=float, default=0.0, help="wall-clock budget per healing (0: steps only)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
+                   help="what --heal-minutes counts: CPU-minutes of this process (equal compute on a shared "
+                        "machine, the default) or wall-clock minutes")
     p.add_argument("--heal-steps", type=int, default=20, help="steps per healing (equal work when the machine's "
                    "load varies; 0: minutes only)")
     p.add_argument("--method", default="svd-llm", help="compression method (svd-llm-update: the pipeline's at 20 %%)")
@@ -88,8 +91,9 @@ def render(res: dict[str, Any]) -> str:
         lines += ["", f"Teacher text: {t['n']} x {t['seq_len']} tokens sampled from the dense model "
                   f"(random first token, {t['greedy']} greedy, then sampled) in {t['seconds']:.0f} s, cached."]
     if res.get("heal"):
+        unit = "CPU-min" if res.get("clock") == "cpu" else "min wall"
         budget = (f"{res['heal_steps']} steps of 4 x 256 tokens" if res.get("heal_steps") else
-                  f"{res['heal_minutes']:g} min") + " each"
+                  f"{res['heal_minutes']:g} {unit}") + " each"
         lines += ["", f"## Healing, the same budget ({budget}), from the compressed model calibrated on "
                   f"{res['heal_start']}", "", head]
         for h in res["heal"]:
@@ -120,11 +124,11 @@ def main() -> None:
     load = os.getloadavg()[0]
     res: dict[str, Any] = {
         "ratio": args.ratio, "eval_tokens": args.eval_tokens, "heal_minutes": args.heal_minutes,
-        "heal_steps": args.heal_steps, "method": args.method,
+        "heal_steps": args.heal_steps, "method": args.method, "clock": args.clock,
         "machine": f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores, shared with other jobs; load "
                    f"average {load:.2f} at the start), {torch.get_num_threads()} torch threads, torch "
-                   f"{torch.__version__}. The machine was shared by several jobs (this process got a fraction of "
-                   "a core), so healings get equal steps and report both wall and CPU time.",
+                   f"{torch.__version__}. The machine was shared with other jobs, so each healing gets the "
+                   "same budget of this process's CPU time (or equal steps), and reports wall and CPU time.",
         "calibration": [], "heal": [], "notes": []}
     log("dense per-domain perplexity")
     res["dense"] = domain_perplexities(dense, tok, args.eval_tokens)
@@ -180,13 +184,14 @@ def main() -> None:
         else:
             batches = mixture_batches(MIXTURE, tok, 4, 256, seed=0)
         loss_fn = distill_loss_fn(dense, 1.0) if method == "distill" else lm_loss_fn()
-        cpu = time.process_time()
+        cpu, wall = time.process_time(), time.perf_counter()
         r = heal_(model, torch.empty(0, dtype=torch.long), method=method, minutes=args.heal_minutes,
-                  max_steps=args.heal_steps or None, batches=batches, loss_fn=loss_fn, seed=0)
-        cpu = time.process_time() - cpu
+                  max_steps=args.heal_steps or None, batches=batches, loss_fn=loss_fn, seed=0,
+                  clock=time.process_time if args.clock == "cpu" else time.perf_counter)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         ppl = domain_perplexities(model, tok, args.eval_tokens)
         res["heal"].append({"key": key, "label": label, "used": used, "domains": ppl, "steps": r.steps,
-                            "tokens": r.tokens, "seconds": r.seconds, "loss_first": r.loss_first,
+                            "tokens": r.tokens, "seconds": wall, "loss_first": r.loss_first,
                             "loss_last": r.loss_last, "lr": r.lr, "load_after": os.getloadavg()[0],
                             "cpu_seconds": cpu})
         write(args.out, res)

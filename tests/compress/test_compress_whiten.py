@@ -70,8 +70,8 @@ def test_gram_scaling_leaves_the_result_unchanged():
     gram = X.T @ X
     c1.observe_stats("fc", InputStats(gram=gram, n_tokens=100))
     c2.observe_stats("fc", InputStats(gram=7.5 * gram, n_tokens=100))
-    w1 = c1.compress("fc", layer, 5).delta_weight()
-    w2 = c2.compress("fc", layer, 5).delta_weight()
+    w1 = c1.compress("fc", layer, 5).dense_weight()
+    w2 = c2.compress("fc", layer, 5).dense_weight()
     torch.testing.assert_close(w1, w2, rtol=1e-8, atol=1e-10)
 
 
@@ -80,7 +80,7 @@ def test_rank_deficient_inputs_take_the_jitter_path_and_still_work():
     X = _inputs(40, 25)  # 25 tokens < 40 features: singular Gram
     c = _fit("cholesky", layer, X)
     new = c.compress("fc", layer, 6)
-    assert torch.isfinite(new.delta_weight()).all()
+    assert torch.isfinite(new.dense_weight()).all()
     plain = _fit("none", layer, X).compress("fc", layer, 6)
     assert _out_err(layer, new, X) < _out_err(layer, plain, X)
 
@@ -88,14 +88,14 @@ def test_rank_deficient_inputs_take_the_jitter_path_and_still_work():
 def test_asvd_alpha_zero_is_plain_svd_and_scaled_truncation_identity():
     layer, X = _layer(20, 30), _inputs(30, 200, outliers=2)
     W = layer.weight.detach()
-    plain = _fit("none", layer, X).compress("fc", layer, 6).delta_weight()
-    a0 = _fit("act-scale", layer, X, alpha=0.0).compress("fc", layer, 6).delta_weight()
+    plain = _fit("none", layer, X).compress("fc", layer, 6).dense_weight()
+    a0 = _fit("act-scale", layer, X, alpha=0.0).compress("fc", layer, 6).dense_weight()
     torch.testing.assert_close(a0, plain, rtol=1e-8, atol=1e-8)
     # any alpha: B A = [W S]_r S^-1 with S = diag(mean|x|^alpha + 1e-6)
     s = X.abs().mean(0) ** 0.5 + 1e-6
     U, Sv, Vh = torch.linalg.svd(W * s[None, :])
     ref = (U[:, :6] * Sv[:6]) @ Vh[:6] / s[None, :]
-    got = _fit("act-scale", layer, X, alpha=0.5).compress("fc", layer, 6).delta_weight()
+    got = _fit("act-scale", layer, X, alpha=0.5).compress("fc", layer, 6).dense_weight()
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
 
 
@@ -120,8 +120,8 @@ def test_fwsvd_identities(axis):
     layer = _layer(18, 26)
     W = layer.weight.detach()
     ones = torch.ones(18, 26, dtype=torch.float64)
-    plain = _fit("none", layer, _inputs(26, 50)).compress("fc", layer, 5).delta_weight()
-    got = _fisher(layer, ones, alpha=1.0, fisher_axis=axis).compress("fc", layer, 5).delta_weight()
+    plain = _fit("none", layer, _inputs(26, 50)).compress("fc", layer, 5).dense_weight()
+    got = _fisher(layer, ones, alpha=1.0, fisher_axis=axis).compress("fc", layer, 5).dense_weight()
     torch.testing.assert_close(got, plain, rtol=1e-8, atol=1e-8)
 
     F = torch.rand(18, 26, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) ** 3
@@ -131,10 +131,10 @@ def test_fwsvd_identities(axis):
     D = (lambda M: d[:, None] * M) if axis == "out" else (lambda M: M * d[None, :])
     weighted = lambda What: float(D(W - What.detach()).pow(2).sum())  # noqa: E731
     S = torch.linalg.svdvals(D(W))
-    fw = c.compress("fc", layer, 5).delta_weight()
+    fw = c.compress("fc", layer, 5).dense_weight()
     assert weighted(fw) == pytest.approx(float(S[5:].pow(2).sum()), rel=1e-8)
     assert weighted(fw) <= weighted(plain)
-    scaled = _fisher(layer, 1234.0 * F, alpha=1.0, fisher_axis=axis).compress("fc", layer, 5).delta_weight()
+    scaled = _fisher(layer, 1234.0 * F, alpha=1.0, fisher_axis=axis).compress("fc", layer, 5).dense_weight()
     torch.testing.assert_close(scaled, fw, rtol=1e-8, atol=1e-8)  # floor is relative: exact
 
 
@@ -143,8 +143,8 @@ def test_fwsvd_heavily_weighted_row_is_kept():
     W = layer.weight.detach()
     F = torch.ones(12, 16, dtype=torch.float64)
     F[3] *= 1e6
-    fw = _fisher(layer, F, alpha=1.0, fisher_axis="out").compress("fc", layer, 2).delta_weight()
-    plain = _fit("none", layer, _inputs(16, 40)).compress("fc", layer, 2).delta_weight()
+    fw = _fisher(layer, F, alpha=1.0, fisher_axis="out").compress("fc", layer, 2).dense_weight()
+    plain = _fit("none", layer, _inputs(16, 40)).compress("fc", layer, 2).dense_weight()
     assert (fw[3] - W[3]).norm() < 1e-2 * (plain[3] - W[3]).norm() + 1e-9
     assert (fw - W).norm() > (plain - W).norm()
 
@@ -158,3 +158,27 @@ def test_missing_statistics_and_bad_config_are_explained():
     c = WhitenedSVD()
     with pytest.raises(ValueError, match="NaN"):
         c.observe("fc", layer, torch.full((4, 8), float("nan")))
+
+
+def test_cholesky_whitening_keeps_the_gram_and_never_forms_the_inverse():
+    """SVD-LLM's factors by triangular solve equal B, A with the explicit L^-1 (the paper's
+    formula A = S^1/2 V^T L^-1), the Gram is only symmetrised (damping put back), and no (n, n)
+    inverse is kept: streaming compression counts those matrices."""
+    from rankwise.linalg import cholesky, inverse_lower, svd
+
+    layer, X = _layer(10, 16), _inputs(16, 80)
+    c = _fit("cholesky", layer, X, damping=1e-3)
+    gram = c.stats_["fc"].gram
+    before = gram.clone()
+    B, A = c.factors("fc", layer, 4)
+    # the Gram is only symmetrised (in place, the same numbers as (G + G^T) / 2), damping undone
+    assert torch.equal(gram, (before + before.mT) / 2)
+    wh = c._svd("fc", layer)[3]
+    assert wh.right_inv is None and wh.right_lower
+    G = (before + before.mT) / 2
+    G.diagonal().add_(1e-3 * G.diagonal().mean())
+    L = cholesky(G)
+    U, S, Vh = svd(layer.weight.detach() @ L)
+    root = S[:4].sqrt()
+    torch.testing.assert_close(B, U[:, :4] * root, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(A, (Vh[:4] * root[:, None]) @ inverse_lower(L), atol=1e-9, rtol=1e-9)

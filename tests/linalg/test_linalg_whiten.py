@@ -14,7 +14,9 @@ from rankwise.linalg import (
     eigh,
     eigh_whitener,
     inverse_lower,
+    solve_lower_right,
     svd,
+    symmetrize_,
     truncated_svd,
 )
 
@@ -123,3 +125,42 @@ def test_svd_llm_beats_plain_svd_and_is_scale_free() -> None:
 def test_whiten_errors(call, match: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("n,block", [(1, 1), (7, 3), (16, 16), (33, 4)])
+def test_symmetrize_in_place_equals_the_average_with_the_transpose(n: int, block: int) -> None:
+    """Blockwise in place gives exactly (S + S^T) / 2, in the same storage."""
+    S = torch.randn(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    expected = (S + S.mT) / 2
+    ptr = S.data_ptr()
+    out = symmetrize_(S, block=block)
+    assert out.data_ptr() == ptr
+    assert torch.equal(out, expected)
+    assert torch.equal(out, out.mT)
+
+
+def test_symmetrize_refuses_what_it_cannot_do_in_place() -> None:
+    with pytest.raises(ValueError, match="fp64"):
+        symmetrize_(torch.eye(3))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_solve_lower_right_equals_the_product_with_the_inverse(transpose: bool) -> None:
+    """X L^-1 (X L^-T) by triangular solve equals X times the explicit inverse."""
+    _, G = _gram(12, 40, seed=3)
+    L = cholesky(G)
+    X = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inv = inverse_lower(L)
+    expected = X @ (inv.mT if transpose else inv)
+    torch.testing.assert_close(solve_lower_right(X, L, transpose=transpose), expected, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="columns"):
+        solve_lower_right(X[:, :4], L)
+
+
+def test_cholesky_without_symmetrize_reads_the_lower_triangle_only() -> None:
+    """symmetrize=False factors S as given (no copy): an upper triangle of garbage is ignored."""
+    _, G = _gram(9, 30, seed=5)
+    messy = G.clone()
+    upper = torch.triu(torch.ones_like(G), 1).bool()
+    messy[upper] = 123.0
+    torch.testing.assert_close(cholesky(messy, symmetrize=False), cholesky(G), atol=1e-12, rtol=0)

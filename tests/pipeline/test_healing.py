@@ -101,6 +101,16 @@ def test_the_time_budget_is_enforced(compressed, stream):
     assert wall < budget_s + 5
 
 
+def test_the_budget_follows_the_given_clock(compressed, stream):
+    """A budget counted by another clock (e.g. CPU seconds): a clock that advances 10 s per
+    reading stops a 1-minute budget after a handful of steps, whatever the wall clock says."""
+    ticks = iter(range(0, 10_000, 10))
+    res = heal_(compressed, stream, method="lowrank", minutes=1.0, batch_size=4, seq_len=64,
+                clock=lambda: float(next(ticks)))
+    assert 1 <= res.steps <= 6
+    assert res.seconds <= 90
+
+
 def test_healing_input_errors(compressed, stream, make_llama):
     with pytest.raises(ValueError, match="needs the dense teacher"):
         heal_(compressed, stream, method="distill", max_steps=1)

@@ -94,12 +94,31 @@ class SVDConfig:
 class Whitening:
     """`W' = diag(left) W R`; `None` means identity. Shapes: left (m,), right (n,) or (n, n).
 
-    `right_inv` is R^-1 in the same form as `right` (a vector for diagonal R).
+    `right_inv` is R^-1 in the same form as `right` (a vector for diagonal R); for SVD-LLM's
+    Cholesky factor it is None and `right_lower` is set: R^-1 is applied by triangular solves
+    (`right_solve`), never formed, which saves two (n, n) fp64 matrices per Gram.
     """
 
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
     right_inv: torch.Tensor | None = None
+    right_lower: bool = False
+
+    def right_solve(self, X: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """X R^-1 (X R^-T with `transpose`) in fp64; X (..., n)."""
+        from rankwise import linalg
+
+        X = X.to(torch.float64)
+        if self.right is None:
+            return X
+        if self.right_lower:
+            return linalg.solve_lower_right(X, self.right, transpose=transpose)
+        if self.right_inv is None:
+            raise ValueError("this whitening has no inverse of its right factor")
+        ri = self.right_inv.to(torch.float64)
+        if ri.dim() == 1:
+            return X * ri[None, :]
+        return X @ (ri.mT if transpose else ri)
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         """`L W R` (m, n), in the dtype of `weight`."""
@@ -119,41 +138,40 @@ class Whitening:
         A = Vh * root[:, None]
         if self.left is not None:
             B = B / self.left.to(B.dtype)[:, None]
-        if self.right_inv is not None:
-            ri = self.right_inv.to(A.dtype)
-            A = A * ri[None, :] if ri.dim() == 1 else A @ ri
-        return B, A
+        return B, self.right_solve(A)
 
 
 def _gram_factor(gram: torch.Tensor, kind: str, damping: float, eig_floor: float):
-    """(R, R^-1) with R R^T = G (+ damping), fp64. Cholesky: R lower-triangular."""
+    """(R, R^-1) with R R^T = G (+ damping), fp64. Cholesky: R lower-triangular and R^-1 None
+    (applied by triangular solves, see `Whitening.right_solve`).
+
+    An fp64 Gram is symmetrised in place (`rankwise.linalg.symmetrize_`: the same numbers as
+    (G + G^T) / 2, a no-op on a symmetric Gram) and factored without a copy; the damping is added
+    to its diagonal for that call and the saved diagonal put back exactly. So the Cholesky path
+    holds two (n, n) matrices, G and R: streaming compression counts them (an n = 5632 Gram is
+    254 MB).
+    """
     from rankwise import linalg
 
     if not torch.isfinite(gram).all():
         raise ValueError("the Gram contains NaN or Inf: the calibration activations overflowed")
-    if kind == "cholesky" and gram.dtype == torch.float64:
-        # No copy of our own: rankwise.linalg.cholesky symmetrises (G + G^T) / 2 into its own
-        # fp64 copy; the damping is added to G's diagonal for that call and the saved diagonal
-        # put back exactly. Same numbers as symmetrise-then-damp, one (n, n) matrix fewer (an
-        # n = 5632 Gram is 254 MB: streaming compression counts them).
-        diag = gram.diagonal()
-        saved = diag.clone()
-        try:
-            if damping > 0:
-                diag.add_(damping * saved.mean().clamp_min(1e-300))
-            R = linalg.cholesky_whitener(gram)  # lower, R R^T = G; jitter fallback when singular
-        finally:
+    if gram.dtype == torch.float64 and gram.dim() == 2:
+        g = linalg.symmetrize_(gram)
+    else:
+        g = gram.to(torch.float64)
+        g = torch.add(g, g.T).mul_(0.5)
+    diag = g.diagonal()
+    saved = diag.clone() if g is gram else None
+    try:
+        if damping > 0:
+            diag.add_(damping * diag.mean().clamp_min(1e-300))
+        if kind == "cholesky":
+            # lower, R R^T = G; jitter fallback when singular
+            return linalg.cholesky_whitener(g, symmetrize=False), None
+        return linalg.eigh_whitener(g, eps=eig_floor)  # symmetric root; eigenvalues clamped
+    finally:
+        if saved is not None:
             diag.copy_(saved)
-        return R, linalg.inverse_lower(R)
-    g = gram.to(torch.float64)
-    g = torch.add(g, g.T).mul_(0.5)
-    if damping > 0:
-        g.diagonal().add_(damping * g.diagonal().mean().clamp_min(1e-300))
-    if kind == "cholesky":
-        R = linalg.cholesky_whitener(g)
-        del g
-        return R, linalg.inverse_lower(R)
-    return linalg.eigh_whitener(g, eps=eig_floor)  # symmetric root; eigenvalues clamped
 
 
 def build_whitening(config: SVDConfig, stats: InputStats | None, weight: torch.Tensor) -> Whitening:
@@ -191,7 +209,7 @@ def build_whitening(config: SVDConfig, stats: InputStats | None, weight: torch.T
     if stats.gram.shape != (n, n):
         raise ValueError(f"Gram of shape {tuple(stats.gram.shape)} does not match in_features {n}")
     R, R_inv = _gram_factor(stats.gram, kind, config.damping, config.eig_floor)
-    return Whitening(right=R, right_inv=R_inv)
+    return Whitening(right=R, right_inv=R_inv, right_lower=R_inv is None)
 
 
 def whitened_svd(weight: torch.Tensor, whitening: Whitening):

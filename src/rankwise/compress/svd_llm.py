@@ -99,6 +99,5 @@ def joint_factors(
         target = W
     else:
         # W* = W C G^-1 = W C R^-T R^-1 with G (+ damping) = R R^T
-        Rinv = wh.right_inv
-        target = (W @ cross.to(torch.float64) @ Rinv.T) @ Rinv
+        target = wh.right_solve(wh.right_solve(W @ cross.to(torch.float64), transpose=True))
     return whitened_factors(target, rank, wh)

@@ -54,7 +54,15 @@ from rankwise.linalg.svd import (
     svdvals,
     truncated_svd,
 )
-from rankwise.linalg.whiten import cholesky, cholesky_whitener, eigh, eigh_whitener, inverse_lower
+from rankwise.linalg.whiten import (
+    cholesky,
+    cholesky_whitener,
+    eigh,
+    eigh_whitener,
+    inverse_lower,
+    solve_lower_right,
+    symmetrize_,
+)
 
 __all__ = [
     "complete",
@@ -85,6 +93,8 @@ __all__ = [
     "factorized_params",
     "heavy_tail_rank",
     "inverse_lower",
+    "solve_lower_right",
+    "symmetrize_",
     "low_rank_approx",
     "make_generator",
     "orthonormalize",

@@ -188,16 +188,18 @@ class HealStep:
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], loss: LossFn, *,
                  teacher: nn.Module | None, distill_alpha: float, lr: float, batches: Any,
-                 budget: float, max_steps: int | None, batch_size: int) -> None:
+                 budget: float, max_steps: int | None, batch_size: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.model, self.params, self.loss_fn, self.teacher = model, params, loss, teacher
         self.alpha, self.lr, self.batches = distill_alpha, lr, batches
         self.budget, self.max_steps = budget, max_steps
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.shard = dist.shard_rows(batch_size)
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
 
     def set_lr(self, step: int) -> float:
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.clock() - self.start
         frac = max(elapsed / self.budget if math.isfinite(self.budget) else 0.0,
                    step / self.max_steps if self.max_steps else 0.0)
         lr = _lr_at(step, dist.from_rank0(frac), self.lr)
@@ -250,6 +252,7 @@ def heal_(
     batches: Iterator[torch.Tensor] | None = None,
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     log_dir: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> HealResult:
     """Fine-tune `model`'s factorised layers in place on `stream` (1-D token ids) within `minutes`.
 
@@ -259,7 +262,9 @@ def heal_(
     `method` is a name of registry("healing"); `batches` (an iterator of (batch, seq_len) ids)
     replaces the windows of `stream`, and `loss_fn(model, ids)` the method's loss (pluggable
     distillation losses: rankwise.pipeline.distill). `log_dir`: TensorBoard scalars and
-    loss.png there. Under ``torchrun`` each process heals on its shard of every batch (the
+    loss.png there. `clock` measures the budget: the wall clock by default, `time.process_time`
+    for CPU seconds of this process (equal compute when comparing healings on a shared machine,
+    where `minutes` then means CPU-minutes). Under ``torchrun`` each process heals on its shard of every batch (the
     batch size is global) with gradients averaged, so all replicas stay equal.
     """
     entry = _check(model, method, teacher is not None or loss_fn is not None, minutes, max_steps)
@@ -277,7 +282,7 @@ def heal_(
     task = HealStep(model, params, loss, teacher=teacher, distill_alpha=distill_alpha, lr=lr,
                     batches=_batches(stream, batch_size, seq_len, seed) if batches is None
                     else batches, budget=budget,
-                    max_steps=max_steps, batch_size=batch_size)
+                    max_steps=max_steps, batch_size=batch_size, clock=clock)
 
     def keep_going(steps: int, elapsed: float, step_time: float) -> bool:
         over = steps > 0 and elapsed + step_time > budget
@@ -291,7 +296,7 @@ def heal_(
     runner = Runner(total_steps=max_steps or 0, desc=f"heal ({entry.name})", keep_going=keep_going,
                     on_step=record, tokens_per_step=batch_size * seq_len, log_dir=log_dir,
                     png=Path(log_dir) / "loss.png" if log_dir else None, progress=False,
-                    nonfinite_hint="lower heal_lr")
+                    nonfinite_hint="lower heal_lr", clock=clock)
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -307,7 +312,7 @@ def heal_(
     if outcome.interrupted:  # nothing to save: the caller's Ctrl-C stops it, model consistent
         raise KeyboardInterrupt
     result.steps, result.tokens = outcome.done, outcome.done * batch_size * seq_len
-    result.seconds = time.perf_counter() - task.start
+    result.seconds = clock() - task.start
     _loss_windows(result, runner.history["losses"])
     return result
 

@@ -130,6 +130,9 @@ class Runner:
         progress: show the tqdm bar (rank 0 only).
         on_step: callback (step, seconds elapsed, loss) after each step.
         nonfinite_hint: the fix named when the loss is not finite.
+        clock: the time source of `keep_going`, `on_step` and the step times (wall clock by
+            default; `time.process_time` counts this process's CPU seconds, so a budget means
+            the same compute on a machine shared with other jobs).
     """
 
     total_steps: int
@@ -147,6 +150,7 @@ class Runner:
     progress: bool = True
     on_step: Callable[[int, float, float], None] | None = None
     nonfinite_hint: str = "lower the learning rate"
+    clock: Callable[[], float] = time.perf_counter
     last_saved: Path | None = None
 
     def __post_init__(self) -> None:
@@ -161,7 +165,7 @@ class Runner:
                    desc=self.desc, unit="step", leave=False,
                    disable=not self.progress or not dist.is_main())
         outcome = RunOutcome(done=start)
-        t_start, step_time = time.perf_counter(), 0.0
+        t_start, step_time = self.clock(), 0.0
         with bar, deferred_interrupt() as interrupted:
             step = start
             while stop is None or step < stop:
@@ -169,7 +173,7 @@ class Runner:
                     logger.warning("interrupted: stopping after step %d", outcome.done)
                     outcome.interrupted = True
                     break
-                elapsed = time.perf_counter() - t_start
+                elapsed = self.clock() - t_start
                 if self.keep_going is not None and not _rank0_says(
                         self.keep_going(step - start, elapsed, step_time)):
                     break
@@ -180,21 +184,21 @@ class Runner:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
                 if self.on_step is not None:
-                    self.on_step(step, time.perf_counter() - t_start, loss)
+                    self.on_step(step, self.clock() - t_start, loss)
                 self._cadence(step, bar)
         outcome.last_saved = self.last_saved
         return outcome
 
     def _step(self, task: StepTask, step: int) -> tuple[float, float, float]:
         lr = task.set_lr(step)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         loss = task.forward(step)
         value = dist.mean_across(float(loss.detach()))
         if not math.isfinite(value):  # on every rank (the mean of a NaN is NaN): nobody hangs
             raise FloatingPointError(f"the training loss became {value} at step {step}: "
                                      f"{self.nonfinite_hint}")
         task.update(step, loss)
-        seconds = time.perf_counter() - t0
+        seconds = self.clock() - t0
         h = self.history
         h["step_seconds"].append(seconds)
         h["losses"].append(value)
