@@ -41,19 +41,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_alpha,
     check_integer,
     check_probability,
     register_method,
 )
+from rankwise.adapt.methods._shared_bases import MaterializedFactors
 from rankwise.linalg import kaiming_uniform, make_generator
 
 ROLES = ("A", "B")
@@ -126,7 +125,7 @@ def route(n_slots: int, n_shards: int, generator: torch.Generator) -> torch.Tens
 @register_method(
     "mos", summary="MoS (Wang et al. 2025): LoRA assembled from shards of shared pools"
 )
-class MoS(AdapterMethod):
+class MoS(MaterializedFactors):
     """Pool-assembled LoRA: pools (owner layer only), private rows, fixed shard indices."""
 
     config_cls = MoSConfig
@@ -247,13 +246,3 @@ class MoS(AdapterMethod):
         B_shared = self.pool("B")[self.B_index].reshape(s, self.out_features).T
         return (torch.cat([self.A_private, A_shared], 0),
                 torch.cat([self.B_private, B_shared], 1))
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = (α/r) B A (out, in)."""
-        A, B = self.factors()
-        return self.scale * (B @ A)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, geo: Geometry) -> torch.Tensor:
-        A, B = self.factors()
-        h = F.linear(self.dropout(x.to(A.dtype)), A)
-        return base_out + (self.scale * F.linear(h, B)).to(base_out.dtype)

@@ -32,13 +32,13 @@ from torch import nn
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_alpha,
     check_integer,
     check_probability,
     register_method,
 )
+from rankwise.adapt.methods._shared_bases import MaterializedFactors
 from rankwise.linalg import make_generator
 
 _MOD = 2**63 - 1
@@ -127,7 +127,7 @@ class NOLAConfig(MethodConfig):
 @register_method(
     "nola", summary="NOLA (Koohpayegani et al. 2024): LoRA factors as combinations of random bases"
 )
-class NOLA(AdapterMethod):
+class NOLA(MaterializedFactors):
     """Trainable coefficients α (k,), β (l,) of seeded random bases of A and B."""
 
     config_cls = NOLAConfig
@@ -180,13 +180,3 @@ class NOLA(AdapterMethod):
                                     cfg.chunk)
         B = combine_bases(self.coef_B, self.seed, B_BASES, (self.out_features, r), cfg.chunk)
         return A, B
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B A (out, in)."""
-        A, B = self.factors()
-        return self.scale * (B @ A)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, geo: Geometry) -> torch.Tensor:
-        A, B = self.factors()
-        h = geo.apply_in(self.dropout(x.to(A.dtype)), A)
-        return base_out + (self.scale * geo.apply_features(h, B)).to(base_out.dtype)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,6 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_alpha,
     check_integer,
@@ -46,10 +44,11 @@ from rankwise.adapt.method import (
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
-    check_saved_shape,
+    RegeneratedBases,
+    check_bases_fit,
     generator,
     max_shape,
-    shared_basis,
+    shared_pair,
 )
 
 BASES = ("uniform", "sparse", "very_sparse")
@@ -73,14 +72,13 @@ def randlora_bases(key: int, rank: int, dims: tuple[int, int], kind: str, *,
     d, d_max = dims
     n_max = math.ceil(d / rank)
 
-    def draw() -> torch.Tensor:
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         gen = generator(key)
         a = _draw((rank, d), kind, d, gen)
-        b = torch.cat([_draw((d_max, rank), kind, d, gen) for _ in range(n_max)], dim=1)
-        return torch.cat([a.reshape(-1), b.reshape(-1)]).to(device=device, dtype=dtype)
+        return a, torch.cat([_draw((d_max, rank), kind, d, gen) for _ in range(n_max)], dim=1)
 
-    flat = shared_basis(("randlora", key, rank, d, d_max, kind, dtype, str(device)), draw)
-    return flat[: rank * d].view(rank, d), flat[rank * d:].view(d_max, n_max * rank)
+    return shared_pair(("randlora", key, rank, d, d_max, kind), ((rank, d), (d_max, n_max * rank)),
+                       draw, dtype=dtype, device=device)
 
 
 class _ScaledBases(torch.autograd.Function):
@@ -136,11 +134,12 @@ class RandLoRAConfig(MethodConfig):
 @register_method(
     "randlora", summary="RandLoRA (Albert et al. 2025): full-rank update from scaled shared random bases"
 )
-class RandLoRA(AdapterMethod):
+class RandLoRA(RegeneratedBases):
     """Trainable λ (r, n), γ (n, d_min) scaling n shared random rank-r bases."""
 
     config_cls = RandLoRAConfig
     config: RandLoRAConfig
+    basis_sizes = "basis_dims"
 
     def __init__(self, config: RandLoRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
@@ -159,9 +158,7 @@ class RandLoRA(AdapterMethod):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def _attach_bases(self, d: int, d_max: int) -> None:
-        if d < self.d_min or d_max < self.d_max:
-            raise ValueError(f"shared RandLoRA bases ({d}, {d_max}) are too small for this "
-                             f"layer ({self.d_min}, {self.d_max}): the saved adapter is corrupt")
+        check_bases_fit("RandLoRA", (d, d_max), (self.d_min, self.d_max))
         self.basis_dims = (d, d_max)
         cfg, like = self.config, self.lam
         A, B = randlora_bases(cfg.projection_prng_key, cfg.rank, (d, d_max), cfg.basis,
@@ -176,21 +173,6 @@ class RandLoRA(AdapterMethod):
         with torch.no_grad():
             self.lam.zero_()
             self.gamma.fill_(1.0 / max(self.gamma.shape))
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"basis_dims": list(self.basis_dims or ())}
-
-    @classmethod
-    def from_saved(cls, config: RandLoRAConfig, geometry: Geometry, extra: dict[str, Any]
-                   ) -> RandLoRA:
-        method = cls(config, geometry)
-        method.basis_dims = check_saved_shape(extra, "basis_dims", "randlora")  # type: ignore[assignment]
-        return method
-
-    def after_load(self, geometry: Geometry) -> None:
-        """Redraw the shared bases from the key and the saved sizes."""
-        assert self.basis_dims is not None
-        self._attach_bases(*self.basis_dims)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) = s·B'A' (in ≤ out) or its transpose."""
