@@ -80,12 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover
 class MethodConfig(Config):
     """Fields every method has (a `rankwise.config.Config`: frozen, keyword-only, help per field).
 
-    Subclasses declare their fields plainly or with `option`; a field declared plainly takes its
-    help text from the subclass docstring's ``Attributes:`` section (see `Config.help_text`).
-    Subclasses validate in ``__post_init__`` after calling ``super().__post_init__()``.
-
-    Attributes:
-        rank: adapter rank r (>= 1, and <= min(out, in) of each adapted layer).
+    Subclasses declare each field with ``option(default, "help")`` (the built-in methods all do;
+    a field a user's method declares plainly still takes its help from the docstring's
+    ``Attributes:`` section, see `Config.help_text`), redeclaring an inherited field to change
+    its default or help. They validate in ``__post_init__`` after ``super().__post_init__()``.
     """
 
     rank: int = option(8, "adapter rank r (>= 1, and <= min(out, in) of each adapted layer)")

@@ -39,23 +39,18 @@ from rankwise.adapt.method import (
     check_probability,
     register_method,
 )
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
 class BlockLoRAConfig(MethodConfig):
-    """Block-LoRA options.
+    """Block-LoRA options."""
 
-    Attributes:
-        rank: total rank r = n · (rank of A_s); must be divisible by `n_blocks`.
-        n_blocks: n, the number of up-projection blocks sharing A_s.
-        alpha: α; the branch is scaled by α/r.
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    n_blocks: int = 2
-    alpha: float = 8.0
-    dropout: float = 0.0
+    rank: int = option(8, "total rank r = n · (rank of A_s); must be divisible by `n_blocks`")
+    n_blocks: int = option(2, "n, the number of up-projection blocks sharing A_s")
+    alpha: float = option(8.0, "α; the branch is scaled by α/r")
+    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

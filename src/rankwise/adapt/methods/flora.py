@@ -41,23 +41,18 @@ from rankwise.adapt.method import (
     check_probability,
     register_method,
 )
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class FLoRAConfig(MethodConfig):
-    """FLoRA options (defaults: the official ConvNeXt example).
+    """FLoRA options (defaults: the official ConvNeXt example)."""
 
-    Attributes:
-        rank: Tucker rank of the channel axes (d_in and d_out; Linear's r).
-        kernel_rank: Tucker rank of each spatial kernel axis (Conv2d), capped at the kernel size.
-        scale: fixed multiplier of ΔW.
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    rank: int = 16
-    kernel_rank: int = 2
-    scale: float = 4.0
-    dropout: float = 0.01
+    rank: int = option(16, "Tucker rank of the channel axes (d_in and d_out; Linear's r)")
+    kernel_rank: int = option(2, "Tucker rank of each spatial kernel axis (Conv2d), capped at "
+                              "the kernel size")
+    scale: float = option(4.0, "fixed multiplier of ΔW")
+    dropout: float = option(0.01, "dropout probability on the adapter input (training only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,25 +27,20 @@ from rankwise.adapt.method import (
     check_probability,
     register_method,
 )
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig(MethodConfig):
-    """LoRA options.
+    """LoRA options."""
 
-    Attributes:
-        rank: r.
-        alpha: α; the branch is scaled by α/r (α/√r with `use_rslora`). PEFT default 8.
-        dropout: dropout probability on the adapter input (training only).
-        use_rslora: scale by α/√r (rsLoRA) instead of α/r.
-        init: "kaiming" (PEFT's default) or "gaussian" for A; B = 0 either way.
-    """
-
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: str = "kaiming"
+    alpha: float = option(8.0, "α; the branch is scaled by α/r (α/√r with `use_rslora`). PEFT "
+                          "default 8")
+    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    use_rslora: bool = option(False, "scale by α/√r (rsLoRA) instead of α/r")
+    init: str = option("kaiming", "\"kaiming\" (PEFT's default) or \"gaussian\" for A; B = 0 "
+                       "either way")
 
     def __post_init__(self) -> None:
         super().__post_init__()

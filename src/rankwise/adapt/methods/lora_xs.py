@@ -27,24 +27,19 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAXSConfig(MethodConfig):
-    """LoRA-XS options.
+    """LoRA-XS options."""
 
-    Attributes:
-        rank: r (R is r × r).
-        alpha: α, scale s = α/r; None (default) for s = 1.
-        dropout: dropout probability on the adapter input (training only).
-        init: "svd" (R ~ N(0, r_std²), official) or "zero" (R = 0, an exact no-op).
-        r_std: standard deviation of the "svd" init of R (official 1e-5).
-    """
-
-    alpha: float | None = None
-    dropout: float = 0.0
-    init: str = "svd"
-    r_std: float = 1e-5
+    rank: int = option(8, "r (R is r × r)")
+    alpha: float | None = option(None, "α, scale s = α/r; None (default) for s = 1")
+    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    init: str = option("svd", "\"svd\" (R ~ N(0, r_std²), official) or \"zero\" (R = 0, an exact "
+                       "no-op)")
+    r_std: float = option(1e-5, "standard deviation of the \"svd\" init of R (official 1e-5)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -53,6 +53,7 @@ from rankwise.adapt.method import (
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import MaterializedFactors
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform, make_generator
 
 ROLES = ("A", "B")
@@ -62,24 +63,15 @@ _LOADED: weakref.WeakValueDictionary[str, nn.Parameter] = weakref.WeakValueDicti
 
 @dataclass(frozen=True, kw_only=True)
 class MoSConfig(MethodConfig):
-    """MoS options (names of the official scripts in brackets).
+    """MoS options (names of the official scripts in brackets)."""
 
-    Attributes:
-        rank: r, the active rank of every layer's materialised A, B [lora_r].
-        budget_rank: equivalent rank of the trainable budget per layer, pools + private
-            [valid_param_lora_r].
-        private_rank: p, rank vectors private to each layer [valid_param_private_r].
-        num_chunks: k, shards per rank vector [num_chunk_per_vec].
-        alpha: α; scale α/r [lora_alpha].
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    rank: int = 8
-    budget_rank: int = 2
-    private_rank: int = 0
-    num_chunks: int = 2
-    alpha: float = 16.0
-    dropout: float = 0.1
+    rank: int = option(8, "r, the active rank of every layer's materialised A, B [lora_r]")
+    budget_rank: int = option(2, "equivalent rank of the trainable budget per layer, pools + "
+                              "private [valid_param_lora_r]")
+    private_rank: int = option(0, "p, rank vectors private to each layer [valid_param_private_r]")
+    num_chunks: int = option(2, "k, shards per rank vector [num_chunk_per_vec]")
+    alpha: float = option(16.0, "α; scale α/r [lora_alpha]")
+    dropout: float = option(0.1, "dropout probability on the adapter input (training only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -39,6 +39,7 @@ from rankwise.adapt.method import (
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import MaterializedFactors
+from rankwise.config import option
 from rankwise.linalg import make_generator
 
 _MOD = 2**63 - 1
@@ -98,22 +99,15 @@ def combine_bases(coef: torch.Tensor, seed: int, factor: int, shape: tuple[int, 
 
 @dataclass(frozen=True, kw_only=True)
 class NOLAConfig(MethodConfig):
-    """NOLA options (defaults: the official GPT-2 M E2E script).
+    """NOLA options (defaults: the official GPT-2 M E2E script)."""
 
-    Attributes:
-        rank: r of the generated LoRA factors.
-        num_basis_A: k, random bases of A.
-        num_basis_B: l, random bases of B.
-        alpha: α; the branch is scaled by α/r.
-        dropout: dropout probability on the adapter input (training only).
-        chunk: bases generated at once (memory/speed trade-off; results do not depend on it).
-    """
-
-    num_basis_A: int = 512
-    num_basis_B: int = 512
-    alpha: float = 8.0
-    dropout: float = 0.0
-    chunk: int = 64
+    rank: int = option(8, "r of the generated LoRA factors")
+    num_basis_A: int = option(512, "k, random bases of A")
+    num_basis_B: int = option(512, "l, random bases of B")
+    alpha: float = option(8.0, "α; the branch is scaled by α/r")
+    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    chunk: int = option(64, "bases generated at once (memory/speed trade-off; results do not "
+                        "depend on it)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

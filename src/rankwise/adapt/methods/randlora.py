@@ -50,6 +50,7 @@ from rankwise.adapt.methods._shared_bases import (
     max_shape,
     shared_pair,
 )
+from rankwise.config import option
 
 BASES = ("uniform", "sparse", "very_sparse")
 
@@ -106,21 +107,15 @@ def scaled_bases(A: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor) -> tor
 
 @dataclass(frozen=True, kw_only=True)
 class RandLoRAConfig(MethodConfig):
-    """RandLoRA options (defaults: PEFT ``RandLoraConfig``).
+    """RandLoRA options (defaults: PEFT ``RandLoraConfig``)."""
 
-    Attributes:
-        rank: r, the rank of each random basis (lower r ⇒ more bases ⇒ more parameters).
-        alpha: α; ΔW is scaled by α/r (PEFT default 640 ≈ 20·r).
-        dropout: dropout probability on the adapter input (training only).
-        projection_prng_key: seed of the shared bases.
-        basis: "uniform" (dense), "sparse" or "very_sparse" ternary bases.
-    """
-
-    rank: int = 32
-    alpha: float = 640.0
-    dropout: float = 0.0
-    projection_prng_key: int = 0
-    basis: str = "uniform"
+    rank: int = option(32, "r, the rank of each random basis (lower r ⇒ more bases ⇒ more "
+                       "parameters)")
+    alpha: float = option(640.0, "α; ΔW is scaled by α/r (PEFT default 640 ≈ 20·r)")
+    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    projection_prng_key: int = option(0, "seed of the shared bases")
+    basis: str = option("uniform", "\"uniform\" (dense), \"sparse\" or \"very_sparse\" ternary "
+                        "bases")
 
     def __post_init__(self) -> None:
         super().__post_init__()

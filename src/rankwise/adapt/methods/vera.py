@@ -42,23 +42,17 @@ from rankwise.adapt.methods._shared_bases import (
     max_shape,
     shared_pair,
 )
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class VeRAConfig(MethodConfig):
-    """VeRA options (defaults: PEFT ``VeraConfig``).
+    """VeRA options (defaults: PEFT ``VeraConfig``)."""
 
-    Attributes:
-        rank: r, rows of the shared A (may exceed a layer's dimensions).
-        projection_prng_key: seed of the shared random A, B.
-        d_initial: initial value of every entry of d (≤ 0.1 recommended).
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    rank: int = 256
-    projection_prng_key: int = 0
-    d_initial: float = 0.1
-    dropout: float = 0.0
+    rank: int = option(256, "r, rows of the shared A (may exceed a layer's dimensions)")
+    projection_prng_key: int = option(0, "seed of the shared random A, B")
+    d_initial: float = option(0.1, "initial value of every entry of d (≤ 0.1 recommended)")
+    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
