@@ -99,6 +99,16 @@ class MethodConfig(Config):
         return dataclasses.asdict(self)
 
 
+def dropout_option(default: float = 0.0) -> Any:
+    """A method config's ``dropout`` field, with its help (validate it with `check_probability`)."""
+    return option(default, "dropout probability on the adapter input (training only)")
+
+
+def input_dropout(p: float) -> nn.Module:
+    """The adapter's input dropout: ``nn.Dropout(p)``, or ``nn.Identity()`` when p = 0."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def check_fields(config_cls: type[MethodConfig], values: dict[str, Any], method: str = "") -> None:
     """Raise TypeError naming any key of `values` that `config_cls` has no field for."""
     valid = {f.name for f in dataclasses.fields(config_cls)}

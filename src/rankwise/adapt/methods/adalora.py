@@ -40,7 +40,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_probability,
+    dropout_option,
+    input_dropout,
+    register_method,
+)
 from rankwise.config import option
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +66,7 @@ class AdaLoRAConfig(MethodConfig):
     rank: int = option(12, "initial rank of every layer (``init_r``)")
     target_rank: int = option(8, "average rank kept at the end (``target_r``)")
     alpha: float = option(8.0, "α; c = α/(r + 1e-5) (α ≤ 0: c = r/(r + 1e-5))")
-    dropout: float = option(0.0, "dropout on the adapter input")
+    dropout: float = dropout_option(0.0)
     tinit: int = option(0, "steps of the initial phase without budget change")
     tfinal: int = option(0, "steps of the final phase without budget change")
     delta_t: int = option(1, "mask every delta_t steps during the cubic phase (``deltaT``)")
@@ -130,7 +137,7 @@ class AdaLoRA(AdapterMethod):
         self.E = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.scale = (config.alpha if config.alpha > 0 else float(r)) / (r + 1e-5)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.ipt: dict[str, torch.Tensor] = {}  # Ī per tensor name
         self.unc: dict[str, torch.Tensor] = {}  # Ū per tensor name
         self.fixed_mask: torch.Tensor | None = None  # kept triplets once the budget is final

@@ -37,6 +37,8 @@ from rankwise.adapt.method import (
     check_alpha,
     check_integer,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -50,7 +52,7 @@ class BlockLoRAConfig(MethodConfig):
     rank: int = option(8, "total rank r = n · (rank of A_s); must be divisible by `n_blocks`")
     n_blocks: int = option(2, "n, the number of up-projection blocks sharing A_s")
     alpha: float = option(8.0, "α; the branch is scaled by α/r")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,7 +92,7 @@ class BlockLoRA(AdapterMethod):
             torch.zeros(config.n_blocks, self.out_features, k, dtype=dtype, device=device)
         )
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """A_s kaiming-uniform (bound 1/√in, as PEFT's LoRA A), every B_i = 0."""

@@ -43,7 +43,13 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import MethodConfig, check_alpha, check_probability, register_method
+from rankwise.adapt.method import (
+    MethodConfig,
+    check_alpha,
+    check_probability,
+    dropout_option,
+    register_method,
+)
 from rankwise.adapt.methods.lora import LoRABase
 from rankwise.config import option
 
@@ -54,7 +60,7 @@ class EVAConfig(MethodConfig):
 
     rank: int = option(8, "r, the average rank; the budget is r × number of target layers")
     alpha: float = option(8.0, "α; the scale is α/r (see `adjust_scaling_factors`)")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
     rho: float = option(2.0, "ρ >= 1; each layer offers round(r·ρ) components to the "
                         "redistribution (ρ = 1: uniform ranks)")
     whiten: bool = option(False, "divide each A row by the square root of its singular value")

@@ -39,6 +39,8 @@ from rankwise.adapt.method import (
     check_alpha,
     check_integer,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -52,7 +54,7 @@ class FLoRAConfig(MethodConfig):
     kernel_rank: int = option(2, "Tucker rank of each spatial kernel axis (Conv2d), capped at "
                               "the kernel size")
     scale: float = option(4.0, "fixed multiplier of ΔW")
-    dropout: float = option(0.01, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.01)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,7 +102,7 @@ class FLoRA(AdapterMethod):
             nn.Parameter(torch.zeros(d, r, dtype=dtype, device=device))
             for d, r in zip(self.dims, self.ranks, strict=True)
         )
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """U⁽ⁿ⁾ ~ kaiming_normal(a=√3) = N(0, 1/(2 r_n)); G = 0."""

@@ -51,7 +51,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_probability,
+    dropout_option,
+    input_dropout,
+    register_method,
+)
 from rankwise.adapt.methods.adalora import _check_beta
 from rankwise.config import option
 from rankwise.linalg import make_generator
@@ -80,7 +87,7 @@ class IncreLoRAConfig(MethodConfig):
     beta1: float = option(0.85, "EMA factor of the score")
     beta2: float = option(0.85, "EMA factor of the score's uncertainty")
     alpha: float = option(32.0, "α of the scale α/(N + 1e-5)")
-    dropout: float = option(0.3, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.3)
     orth_reg_weight: float = option(0.1, "weight of the orthogonality penalty (``reg_orth_coef``)")
     advance_learn: bool = option(True, "pre-train the reserve (A_res, B_res trainable, E_res = "
                                  "1e-5)")
@@ -140,7 +147,7 @@ class IncreLoRA(AdapterMethod):
             self.register_buffer("A_res", self._zeros(n, self.in_features))
             self.register_buffer("B_res", self._zeros(self.out_features, n))
         self.register_buffer("E_res", self._zeros(n))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.seed = 0
         self.growths = 0
         self.finished = False  # growth over: no dense scoring, E_res = 0

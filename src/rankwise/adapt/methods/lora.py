@@ -25,6 +25,8 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -37,7 +39,7 @@ class LoRAConfig(MethodConfig):
 
     alpha: float = option(8.0, "α; the branch is scaled by α/r (α/√r with `use_rslora`). PEFT "
                           "default 8")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
     use_rslora: bool = option(False, "scale by α/√r (rsLoRA) instead of α/r")
     init: str = option("kaiming", "\"kaiming\" (PEFT's default) or \"gaussian\" for A; B = 0 "
                        "either way")
@@ -70,7 +72,7 @@ class LoRABase(AdapterMethod):
         self.A = nn.Parameter(torch.zeros(r, n_in, dtype=dtype, device=device))  # (r, in)
         self.B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))  # (out, r)
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """PEFT's default init: A kaiming-uniform (or gaussian), B = 0; embeddings swapped."""

@@ -26,7 +26,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    check_probability,
+    dropout_option,
+    input_dropout,
+    register_method,
+)
 from rankwise.config import option
 
 
@@ -36,7 +43,7 @@ class LoRAXSConfig(MethodConfig):
 
     rank: int = option(8, "r (R is r × r)")
     alpha: float | None = option(None, "α, scale s = α/r; None (default) for s = 1")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
     init: str = option("svd", "\"svd\" (R ~ N(0, r_std²), official) or \"zero\" (R = 0, an exact "
                        "no-op)")
     r_std: float = option(1e-5, "standard deviation of the \"svd\" init of R (official 1e-5)")
@@ -77,7 +84,7 @@ class LoRAXS(AdapterMethod):
         self.register_buffer("A", torch.zeros(r, self.in_features, dtype=dtype, device=device))
         self.register_buffer("B", torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """B = U_r, A = Σ_r V_rᵀ from the SVD of W; R ~ N(0, r_std²) or 0."""

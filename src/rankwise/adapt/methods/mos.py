@@ -50,6 +50,8 @@ from rankwise.adapt.method import (
     check_alpha,
     check_integer,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import MaterializedFactors
@@ -71,7 +73,7 @@ class MoSConfig(MethodConfig):
     private_rank: int = option(0, "p, rank vectors private to each layer [valid_param_private_r]")
     num_chunks: int = option(2, "k, shards per rank vector [num_chunk_per_vec]")
     alpha: float = option(16.0, "α; scale α/r [lora_alpha]")
-    dropout: float = option(0.1, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,7 +147,7 @@ class MoS(MaterializedFactors):
         for role, spec in (pools or {}).items():
             self._attach(role, spec, None)
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     # ------------------------------------------------------------------ pools
     def _attach(self, role: str, spec: dict[str, Any], pool: nn.Parameter | None) -> None:

@@ -36,6 +36,8 @@ from rankwise.adapt.method import (
     check_alpha,
     check_integer,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import MaterializedFactors
@@ -105,7 +107,7 @@ class NOLAConfig(MethodConfig):
     num_basis_A: int = option(512, "k, random bases of A")
     num_basis_B: int = option(512, "l, random bases of B")
     alpha: float = option(8.0, "α; the branch is scaled by α/r")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
     chunk: int = option(64, "bases generated at once (memory/speed trade-off; results do not "
                         "depend on it)")
 
@@ -137,7 +139,7 @@ class NOLA(MaterializedFactors):
         self.register_buffer("A0", None, persistent=False)  # (r, in), regenerable
         self.seed: int | None = None
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def _set_seed(self, seed: int) -> None:
         self.seed = int(seed)

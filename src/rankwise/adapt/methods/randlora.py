@@ -41,6 +41,8 @@ from rankwise.adapt.method import (
     check_alpha,
     check_integer,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
@@ -112,7 +114,7 @@ class RandLoRAConfig(MethodConfig):
     rank: int = option(32, "r, the rank of each random basis (lower r ⇒ more bases ⇒ more "
                        "parameters)")
     alpha: float = option(640.0, "α; ΔW is scaled by α/r (PEFT default 640 ≈ 20·r)")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
     projection_prng_key: int = option(0, "seed of the shared bases")
     basis: str = option("uniform", "\"uniform\" (dense), \"sparse\" or \"very_sparse\" ternary "
                         "bases")
@@ -150,7 +152,7 @@ class RandLoRA(RegeneratedBases):
         self.register_buffer("B", None, persistent=False)  # (d_max, n·r) slice of the shared B
         self.basis_dims: tuple[int, int] | None = None  # (D, D_max) of the shared bases
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def _attach_bases(self, d: int, d_max: int) -> None:
         check_bases_fit("RandLoRA", (d, d_max), (self.d_min, self.d_max))

@@ -33,6 +33,8 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_integer,
     check_probability,
+    dropout_option,
+    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
@@ -52,7 +54,7 @@ class VeRAConfig(MethodConfig):
     rank: int = option(256, "r, rows of the shared A (may exceed a layer's dimensions)")
     projection_prng_key: int = option(0, "seed of the shared random A, B")
     d_initial: float = option(0.1, "initial value of every entry of d (≤ 0.1 recommended)")
-    dropout: float = option(0.0, "dropout probability on the adapter input (training only)")
+    dropout: float = dropout_option(0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,7 +100,7 @@ class VeRA(RegeneratedBases):
         self.register_buffer("A", None, persistent=False)  # (r, in) slice of the shared A
         self.register_buffer("B", None, persistent=False)  # (out, r) slice of the shared B
         self.basis_shape: tuple[int, int] | None = None  # (out_max, in_max) of the shared bases
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def _attach_bases(self, out_max: int, in_max: int) -> None:
         check_bases_fit("VeRA", (out_max, in_max), (self.out_features, self.in_features))
