@@ -99,16 +99,6 @@ class MethodConfig(Config):
         return dataclasses.asdict(self)
 
 
-def dropout_option(default: float = 0.0) -> Any:
-    """A method config's ``dropout`` field, with its help (validate it with `check_probability`)."""
-    return option(default, "dropout probability on the adapter input (training only)")
-
-
-def input_dropout(p: float) -> nn.Module:
-    """The adapter's input dropout: ``nn.Dropout(p)``, or ``nn.Identity()`` when p = 0."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
 def check_fields(config_cls: type[MethodConfig], values: dict[str, Any], method: str = "") -> None:
     """Raise TypeError naming any key of `values` that `config_cls` has no field for."""
     valid = {f.name for f in dataclasses.fields(config_cls)}
@@ -138,6 +128,12 @@ def check_probability(name: str, value: float) -> None:
     """Raise ValueError unless 0 <= value < 1 (dropout-like fields)."""
     if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def dropout_option(default: float = 0.0) -> Any:
+    """A method config's ``dropout`` field: its help, and `check_probability` run on validation."""
+    return option(default, "dropout probability on the adapter input (training only)",
+                  check=check_probability)
 
 
 class AdapterMethod(nn.Module):
@@ -193,6 +189,11 @@ class AdapterMethod(nn.Module):
         """Adapter tensors are fp32 over a half-precision base (as PEFT's autocast), fp64 over fp64:
         the compute dtype (`rankwise.linalg.compute_dtype`)."""
         return compute_dtype(geometry.module.weight.dtype)
+
+    @staticmethod
+    def input_dropout(p: float) -> nn.Module:
+        """The adapter's input dropout: ``nn.Dropout(p)``, or ``nn.Identity()`` when p = 0."""
+        return nn.Dropout(p) if p > 0 else nn.Identity()
 
     @staticmethod
     def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:

@@ -43,9 +43,7 @@ from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -82,7 +80,6 @@ class AdaLoRAConfig(MethodConfig):
                              f"got {self.target_rank!r}")
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
-        check_probability("dropout", self.dropout)
         for name in ("tinit", "tfinal"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -137,7 +134,7 @@ class AdaLoRA(AdapterMethod):
         self.E = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.scale = (config.alpha if config.alpha > 0 else float(r)) / (r + 1e-5)
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
         self.ipt: dict[str, torch.Tensor] = {}  # Ī per tensor name
         self.unc: dict[str, torch.Tensor] = {}  # Ū per tensor name
         self.fixed_mask: torch.Tensor | None = None  # kept triplets once the budget is final

@@ -36,9 +36,7 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -64,7 +62,6 @@ class BlockLoRAConfig(MethodConfig):
                 f"choose rank = {n * max(1, self.rank // n)}"
             )
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
 
     @property
     def block_rank(self) -> int:
@@ -92,7 +89,7 @@ class BlockLoRA(AdapterMethod):
             torch.zeros(config.n_blocks, self.out_features, k, dtype=dtype, device=device)
         )
         self.scale = config.alpha / config.rank
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """A_s kaiming-uniform (bound 1/√in, as PEFT's LoRA A), every B_i = 0."""

@@ -46,7 +46,6 @@ from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
-    check_probability,
     dropout_option,
     register_method,
 )
@@ -69,7 +68,6 @@ class EVAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
         if not isinstance(self.rho, int | float) or not math.isfinite(self.rho) or self.rho < 1:
             raise ValueError(f"rho must be a number >= 1 (1 = uniform ranks), got {self.rho!r}")
 

@@ -38,9 +38,7 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -61,7 +59,6 @@ class FLoRAConfig(MethodConfig):
         k = self.kernel_rank
         check_integer("kernel_rank", k, minimum=1)
         check_alpha(self.scale, "scale")
-        check_probability("dropout", self.dropout)
 
 
 def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -102,7 +99,7 @@ class FLoRA(AdapterMethod):
             nn.Parameter(torch.zeros(d, r, dtype=dtype, device=device))
             for d, r in zip(self.dims, self.ranks, strict=True)
         )
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """U⁽ⁿ⁾ ~ kaiming_normal(a=√3) = N(0, 1/(2 r_n)); G = 0."""

@@ -54,9 +54,7 @@ from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods.adalora import _check_beta
@@ -110,7 +108,6 @@ class IncreLoRAConfig(MethodConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         _check_beta("beta1", self.beta1)
         _check_beta("beta2", self.beta2)
-        check_probability("dropout", self.dropout)
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
 
@@ -147,7 +144,7 @@ class IncreLoRA(AdapterMethod):
             self.register_buffer("A_res", self._zeros(n, self.in_features))
             self.register_buffer("B_res", self._zeros(self.out_features, n))
         self.register_buffer("E_res", self._zeros(n))
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
         self.seed = 0
         self.growths = 0
         self.finished = False  # growth over: no dense scoring, E_res = 0

@@ -24,9 +24,7 @@ from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
     check_alpha,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -47,7 +45,6 @@ class LoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
@@ -72,7 +69,7 @@ class LoRABase(AdapterMethod):
         self.A = nn.Parameter(torch.zeros(r, n_in, dtype=dtype, device=device))  # (r, in)
         self.B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))  # (out, r)
         self.scale = config.scale
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """PEFT's default init: A kaiming-uniform (or gaussian), B = 0; embeddings swapped."""

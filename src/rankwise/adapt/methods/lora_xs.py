@@ -29,9 +29,7 @@ from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.config import option
@@ -53,7 +51,6 @@ class LoRAXSConfig(MethodConfig):
         if self.alpha is not None and (not isinstance(self.alpha, int | float)
                                        or not math.isfinite(self.alpha) or self.alpha == 0):
             raise ValueError(f"alpha must be None or a finite nonzero number, got {self.alpha!r}")
-        check_probability("dropout", self.dropout)
         if self.init not in ("svd", "zero"):
             raise ValueError(f"init must be 'svd' or 'zero', got {self.init!r}")
         if not isinstance(self.r_std, int | float) or not self.r_std >= 0:
@@ -84,7 +81,7 @@ class LoRAXS(AdapterMethod):
         self.register_buffer("A", torch.zeros(r, self.in_features, dtype=dtype, device=device))
         self.register_buffer("B", torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.scale = config.scale
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """B = U_r, A = Σ_r V_rᵀ from the SVD of W; R ~ N(0, r_std²) or 0."""

@@ -49,9 +49,7 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import MaterializedFactors
@@ -93,7 +91,6 @@ class MoSConfig(MethodConfig):
                 "to rank)"
             )
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
 
     @property
     def shared_rank(self) -> int:
@@ -147,7 +144,7 @@ class MoS(MaterializedFactors):
         for role, spec in (pools or {}).items():
             self._attach(role, spec, None)
         self.scale = config.alpha / config.rank
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     # ------------------------------------------------------------------ pools
     def _attach(self, role: str, spec: dict[str, Any], pool: nn.Parameter | None) -> None:

@@ -35,9 +35,7 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import MaterializedFactors
@@ -117,7 +115,6 @@ class NOLAConfig(MethodConfig):
             value = getattr(self, name)
             check_integer(name, value, minimum=1)
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
 
 
 @register_method(
@@ -139,7 +136,7 @@ class NOLA(MaterializedFactors):
         self.register_buffer("A0", None, persistent=False)  # (r, in), regenerable
         self.seed: int | None = None
         self.scale = config.alpha / config.rank
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def _set_seed(self, seed: int) -> None:
         self.seed = int(seed)

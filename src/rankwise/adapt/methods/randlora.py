@@ -40,9 +40,7 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
@@ -122,7 +120,6 @@ class RandLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
         check_integer("projection_prng_key", self.projection_prng_key)
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
@@ -152,7 +149,7 @@ class RandLoRA(RegeneratedBases):
         self.register_buffer("B", None, persistent=False)  # (d_max, n·r) slice of the shared B
         self.basis_dims: tuple[int, int] | None = None  # (D, D_max) of the shared bases
         self.scale = config.alpha / config.rank
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def _attach_bases(self, d: int, d_max: int) -> None:
         check_bases_fit("RandLoRA", (d, d_max), (self.d_min, self.d_max))

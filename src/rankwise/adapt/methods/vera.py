@@ -32,9 +32,7 @@ from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
     MethodConfig,
     check_integer,
-    check_probability,
     dropout_option,
-    input_dropout,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
@@ -61,7 +59,6 @@ class VeRAConfig(MethodConfig):
         check_integer("projection_prng_key", self.projection_prng_key)
         if not isinstance(self.d_initial, int | float) or not math.isfinite(self.d_initial):
             raise ValueError(f"d_initial must be a finite number, got {self.d_initial!r}")
-        check_probability("dropout", self.dropout)
 
 
 def vera_bases(key: int, rank: int, out_max: int, in_max: int, *, dtype: torch.dtype = torch.float32,
@@ -100,7 +97,7 @@ class VeRA(RegeneratedBases):
         self.register_buffer("A", None, persistent=False)  # (r, in) slice of the shared A
         self.register_buffer("B", None, persistent=False)  # (out, r) slice of the shared B
         self.basis_shape: tuple[int, int] | None = None  # (out_max, in_max) of the shared bases
-        self.dropout = input_dropout(config.dropout)
+        self.dropout = self.input_dropout(config.dropout)
 
     def _attach_bases(self, out_max: int, in_max: int) -> None:
         check_bases_fit("VeRA", (out_max, in_max), (self.out_features, self.in_features))
