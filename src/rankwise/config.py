@@ -34,7 +34,8 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, help: str = "", *, choices: tuple[Any, ...] | None = None,
-           cli: bool = True, default_factory: Any = _MISSING) -> Any:
+           cli: bool = True, default_factory: Any = _MISSING,
+           check: typing.Callable[[str, Any], None] | None = None) -> Any:
     """A config field with its help text (and choices) recorded for docs and the CLI.
 
     Args:
@@ -43,8 +44,12 @@ def option(default: Any = _MISSING, help: str = "", *, choices: tuple[Any, ...] 
         choices: the allowed values (also inferred from a ``Literal[...]`` annotation).
         cli: False keeps the field off the generated command line (Python-only options).
         default_factory: for mutable defaults.
+        check: ``check(name, value)`` raises ValueError for a bad value; `Config.validate` runs
+            it, so a field shared by many configs is validated where it is declared.
     """
     metadata = {"help": help, "choices": choices, "cli": cli}
+    if check is not None:
+        metadata["check"] = check
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -64,6 +69,8 @@ class Config:
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+            if f.metadata.get("check") is not None:
+                f.metadata["check"](f.name, value)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready field values (tuples become lists)."""

@@ -73,6 +73,42 @@ def test_config_round_trip_and_validation() -> None:
         _Toy(4)  # type: ignore[misc]  (keyword-only)
 
 
+def test_option_check_runs_on_every_construction() -> None:
+    seen: list[tuple[str, object]] = []
+
+    def positive(name: str, value: object) -> None:
+        seen.append((name, value))
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @dataclass(frozen=True, kw_only=True)
+    class Checked(Config):
+        width: int = option(2, "a positive width", check=positive)
+
+    @dataclass(frozen=True, kw_only=True)
+    class Child(Checked):  # an inherited field keeps its check
+        depth: int = option(1, "unchecked")
+
+    assert Child(width=3).width == 3 and seen == [("width", 3)]
+    for bad in (0, -1, "3"):
+        with pytest.raises(ValueError, match="width must be a positive int"):
+            Child(width=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        Checked().replace(width=0)
+
+
+def test_every_adapter_dropout_is_validated() -> None:
+    from rankwise import adapt
+
+    with_dropout = [n for n in adapt.list_methods() if "dropout" in adapt.build_config(n).to_dict()]
+    assert len(with_dropout) >= 15
+    for name in with_dropout:
+        assert adapt.build_config(name, dropout=0.5).dropout == 0.5
+        for bad in (1.0, -0.1, "0.1"):
+            with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+                adapt.build_config(name, dropout=bad)
+
+
 def test_cli_flags_generated_from_fields() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser, _Toy, defaults={"rank": 16})

@@ -14,7 +14,7 @@ from rankwise import registry as registry_module
 from rankwise.adapt.method import AdapterMethod, MethodConfig
 from rankwise.cli import main
 from rankwise.cli.list import collect, format_table
-from rankwise.config import field_help, option
+from rankwise.config import Config, document_fields, field_help, option
 from rankwise.layers import LAYER_METHODS, get_layer_class
 from rankwise.registry import KINDS, Registry, catalogue, registry
 
@@ -77,6 +77,55 @@ def test_method_configs_are_configs_with_help_for_every_field() -> None:
         assert all(f.metadata["help"] for f in dataclasses.fields(config))  # document_fields
         with pytest.raises(TypeError, match="no option"):
             type(config).from_dict({**config.to_dict(), "no_such_field": 1})
+
+
+def _configs_of(kind: str) -> dict[str, type[Config]]:
+    """The config classes the entries of `kind` build from: a target's ``config_cls``, or the
+    target itself where it is a `Config` (class or instance)."""
+    found: dict[str, type[Config]] = {}
+    for entry in registry(kind).entries():
+        target = entry.load()
+        for obj in (getattr(target, "config_cls", None), target):
+            cls = obj if isinstance(obj, type) else type(obj)
+            if obj is not None and issubclass(cls, Config):
+                found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return found
+
+
+def _fields_without_own_help(cls: type[Config]) -> list[str]:
+    """Fields of `cls` not declared with ``option(default, "help")`` (docstring help excluded)."""
+    return [f.name for f in dataclasses.fields(cls)
+            if not str(f.metadata.get("help", "")).strip() or f.metadata.get("help_from_doc")]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_registered_config_field_declares_its_help(kind: str) -> None:
+    configs = _configs_of(kind)
+    if kind == "adapter":  # every adapter method has a config class, presets share theirs
+        classes = {registry(kind).get(n).load().config_cls for n in registry(kind).names()}
+        assert set(configs.values()) == classes and len(classes) >= 20
+    for name, cls in configs.items():
+        assert not _fields_without_own_help(cls), (
+            f"{kind} config {name}: fields {_fields_without_own_help(cls)} need "
+            "option(default, help)")
+
+
+def test_fields_without_own_help_finds_plain_and_docstring_fields() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class Probe(MethodConfig):
+        """Probe.
+
+        Attributes:
+            documented: help from the docstring only.
+        """
+
+        documented: int = 1
+        plain: int = 2
+        declared: int = option(3, "declared help")
+
+    document_fields(Probe)  # as register_method does: copies the docstring text, marked as such
+    assert _fields_without_own_help(Probe) == ["documented", "plain"]
+    assert field_help(Probe)["documented"] == "help from the docstring only."
 
 
 def test_field_help_prefers_option_then_nearest_docstring() -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from rankwise.adapt.geometry import Geometry
 from rankwise.calibrate import causal_lm_loss
+from rankwise.calibrate.capture import target_weight_grads
 from rankwise.linalg import make_generator
 
 
@@ -191,33 +192,23 @@ def weight_gradients(
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     loss_fn = loss_fn or causal_lm_loss
-    flags = {p: p.requires_grad for p in model.parameters()}
-    saved = {name: m.weight.grad for name, m in targets.items()}
     was_training = model.training
     sums: dict[str, torch.Tensor] = {}
     try:
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in targets.values():
-            m.weight.grad = None
-            m.weight.requires_grad_(True)
-        for batch in micro:
-            loss = loss_fn(model, _to(batch, device))
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss is {loss.item()} on a calibration batch: check the data")
-            loss.backward()
-            for name, m in targets.items():
-                if m.weight.grad is None:
-                    raise ValueError(f"{name!r} got no gradient: it does not affect the loss")
-                grad = surgery_matrix(Geometry(m), m.weight.grad.detach()).float().cpu()
-                sums[name] = grad if name not in sums else sums[name] + grad
-                m.weight.grad = None
+        with target_weight_grads(model, targets):
+            for batch in micro:
+                loss = loss_fn(model, _to(batch, device))
+                if not torch.isfinite(loss):
+                    raise ValueError(f"the loss is {loss.item()} on a calibration batch: check the data")
+                loss.backward()
+                for name, m in targets.items():
+                    if m.weight.grad is None:
+                        raise ValueError(f"{name!r} got no gradient: it does not affect the loss")
+                    grad = surgery_matrix(Geometry(m), m.weight.grad.detach()).float().cpu()
+                    sums[name] = grad if name not in sums else sums[name] + grad
+                    m.weight.grad = None
     finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for name, m in targets.items():
-            m.weight.grad = saved[name]
         model.train(was_training)
     return sums
 

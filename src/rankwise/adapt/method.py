@@ -80,12 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover
 class MethodConfig(Config):
     """Fields every method has (a `rankwise.config.Config`: frozen, keyword-only, help per field).
 
-    Subclasses declare their fields plainly or with `option`; a field declared plainly takes its
-    help text from the subclass docstring's ``Attributes:`` section (see `Config.help_text`).
-    Subclasses validate in ``__post_init__`` after calling ``super().__post_init__()``.
-
-    Attributes:
-        rank: adapter rank r (>= 1, and <= min(out, in) of each adapted layer).
+    Subclasses declare each field with ``option(default, "help")`` (the built-in methods all do;
+    a field a user's method declares plainly still takes its help from the docstring's
+    ``Attributes:`` section, see `Config.help_text`), redeclaring an inherited field to change
+    its default or help. They validate in ``__post_init__`` after ``super().__post_init__()``.
     """
 
     rank: int = option(8, "adapter rank r (>= 1, and <= min(out, in) of each adapted layer)")
@@ -130,6 +128,12 @@ def check_probability(name: str, value: float) -> None:
     """Raise ValueError unless 0 <= value < 1 (dropout-like fields)."""
     if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def dropout_option(default: float = 0.0) -> Any:
+    """A method config's ``dropout`` field: its help, and `check_probability` run on validation."""
+    return option(default, "dropout probability on the adapter input (training only)",
+                  check=check_probability)
 
 
 class AdapterMethod(nn.Module):
@@ -185,6 +189,11 @@ class AdapterMethod(nn.Module):
         """Adapter tensors are fp32 over a half-precision base (as PEFT's autocast), fp64 over fp64:
         the compute dtype (`rankwise.linalg.compute_dtype`)."""
         return compute_dtype(geometry.module.weight.dtype)
+
+    @staticmethod
+    def input_dropout(p: float) -> nn.Module:
+        """The adapter's input dropout: ``nn.Dropout(p)``, or ``nn.Identity()`` when p = 0."""
+        return nn.Dropout(p) if p > 0 else nn.Identity()
 
     @staticmethod
     def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:

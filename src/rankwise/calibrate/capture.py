@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -176,16 +177,9 @@ def _gradient_pass(model: nn.Module, targets: Mapping[str, nn.Module], micro: It
                    stats_device: str | torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Forward + backward per batch: input statistics through `collector` and Σ (∂L/∂W)² per
     target (out, in) fp32 (FWSVD's empirical Fisher); gradient flags and ``.grad`` restored."""
-    grad_flags = {p: p.requires_grad for p in model.parameters()}
-    saved = {name: module.weight.grad for name, module in targets.items()}
     sq_grads: dict[str, torch.Tensor] = {}
     n_batches = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in targets.values():
-            module.weight.grad = None
-            module.weight.requires_grad_(True)
+    with target_weight_grads(model, targets):
         for batch in micro:
             batch = _to(batch, device)
             collector.set_mask(_mask_of(batch))
@@ -202,9 +196,24 @@ def _gradient_pass(model: nn.Module, targets: Mapping[str, nn.Module], micro: It
                     sq_grads[name] = g * g
                 module.weight.grad = None
             n_batches += 1
+    return sq_grads, n_batches
+
+
+@contextlib.contextmanager
+def target_weight_grads(model: nn.Module, targets: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Inside: every parameter of `model` frozen but the targets' weights, whose ``.grad`` starts
+    empty; on exit every ``requires_grad`` flag and the targets' previous ``.grad`` come back."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    saved = {name: module.weight.grad for name, module in targets.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in targets.values():
+            module.weight.grad = None
+            module.weight.requires_grad_(True)
+        yield
     finally:
-        for p, flag in grad_flags.items():
+        for p, flag in flags.items():
             p.requires_grad_(flag)
         for name, g in saved.items():
             targets[name].weight.grad = g
-    return sq_grads, n_batches

@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,6 +133,7 @@ class _Session:
                  device: str | torch.device, dtype: torch.dtype) -> None:
         from rankwise.compress.calibration import find_targets
         from rankwise.compress.sequential import find_blocks
+        from rankwise.surgery import count_parameters
 
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -155,6 +155,7 @@ class _Session:
         self.tokenizer = tokenizer
         self.calibration, self.calib_info = calibration, {}
         self.batches: list[torch.Tensor] | None = None
+        self.params_before = count_parameters(self.model)
 
     def calibrate(self) -> list[torch.Tensor]:
         if self.batches is None:
@@ -189,11 +190,33 @@ class _Session:
             _to_meta(self.model, exclude=self.prefix)
         return loader.block_seconds
 
-    def publish(self, out: Output, report: Any) -> Path:
-        return out.finish(self.model, self.files, self.prefix, self.dtype, report, self.tokenizer, self.tied)
+    def write(self, out: str | os.PathLike[str], work: Any, streaming: dict[str, Any]) -> Any:
+        """Run ``work(output) -> (report, block seconds)`` into a fresh `Output` at `out`, then
+        publish the model with the report (its whole-model size after, the `streaming` facts
+        and the seconds per block added); on any error the output is abandoned."""
+        output = Output(out)
+        try:
+            report, seconds = work(output)
+            report.params_model_after = self.params_before - sum(
+                r.params_before - r.params_after for r in report.layers)
+            report.options["streaming"] = {"device": str(self.device), **streaming,
+                                           "block_seconds": seconds}
+            output.finish(self.model, self.files, self.prefix, self.dtype, report, self.tokenizer,
+                          self.tied)
+        except BaseException:
+            output.abort()
+            raise
+        return report
 
-    def params_after(self, params_before: int, records: list[Any]) -> int:
-        return params_before - sum(r.params_before - r.params_after for r in records)
+
+def _config(cls: type, config: Any, values: dict[str, Any], calibration: Any) -> tuple[Any, Any]:
+    """(config, in-memory calibration source) of a streaming call: a calibration named by a
+    string is a config field, anything else is passed to the session as it is."""
+    from rankwise.compress.config import config_from
+
+    if isinstance(calibration, str):
+        values, calibration = {**values, "calibration": calibration}, None
+    return config_from(cls, config, values), calibration
 
 
 def compress_streaming(
@@ -232,17 +255,14 @@ def compress_streaming(
         make_report,
         resolve_preset,
     )
-    from rankwise.compress.config import CompressConfig, config_from
-    from rankwise.surgery import count_parameters
+    from rankwise.compress.config import CompressConfig
 
     start = time.perf_counter()
-    if isinstance(calibration, str):
-        options["calibration"], calibration = calibration, None
-    cfg = config_from(CompressConfig, config, {"method": method, "ratio": ratio, **options})
+    cfg, calibration = _config(CompressConfig, config, {"method": method, "ratio": ratio, **options},
+                               calibration)
     preset = resolve_preset(cfg)
     _check_streamable(preset, cfg)
     s = _Session(source, cfg, calibration, tokenizer, device, dtype)
-    params_before = count_parameters(s.model)
     inner = _scoped_ratio(cfg.ratio, cfg.scope, s.model, s.targets)
     compressor = build_compressor(preset.name, damping=preset.damping)
     needs = tuple(compressor.needs) + (("gram",) if cfg.compensation_rank and "gram" not in compressor.needs else ())
@@ -253,8 +273,8 @@ def compress_streaming(
         s.run(_spectra_on_block(compressor, s.targets, specs), stats=needs, propagate="original")
         specs = {f: specs[f] for f in s.targets}
     ranks = finish_ranks(allocate_ranks(specs, inner, preset.allocation), cfg.compensation_rank)
-    output = Output(out)
-    try:
+
+    def work(output: Output) -> tuple[Any, list[float]]:
         if preset.update == "none":
             on_block = _oneshot_on_block(s.model, compressor, s.targets, ranks, cfg.compensation_rank)
             seconds = s.run(on_block, stats=needs, propagate="original", out=output)
@@ -264,16 +284,10 @@ def compress_streaming(
             on_block = update_on_block(s.model, preset, compressor, s.targets, ranks, cfg.compensation_rank, set())
             seconds = s.run(on_block, stats=("gram",), propagate="compressed",
                             cross=preset.update_target == "original", out=output)
-        report = make_report(preset, cfg, s.targets, ranks, compressor, params_before, 0,
-                             s.calib_info, time.perf_counter() - start)
-        report.params_model_after = s.params_after(params_before, report.layers)
-        report.options["streaming"] = {"device": str(s.device), "dtype": str(dtype).removeprefix("torch."),
-                                       "block_seconds": seconds}
-        s.publish(output, report)
-    except BaseException:
-        output.abort()
-        raise
-    return report
+        return make_report(preset, cfg, s.targets, ranks, compressor, s.params_before, 0,
+                           s.calib_info, time.perf_counter() - start), seconds
+
+    return s.write(out, work, {"dtype": str(dtype).removeprefix("torch.")})
 
 
 def _check_streamable(preset: Any, cfg: Any) -> None:
@@ -356,15 +370,12 @@ def compensate_streaming(
     `source` to `out`; parallel or sequential form as `CompensateConfig.sequential` says."""
     from rankwise import surgery
     from rankwise.compress.compensate import compensate_group, compensation_report
-    from rankwise.compress.config import CompensateConfig, config_from
-    from rankwise.surgery import count_parameters
+    from rankwise.compress.config import CompensateConfig
 
     start = time.perf_counter()
-    if isinstance(calibration, str):
-        options["calibration"], calibration = calibration, None
-    cfg = config_from(CompensateConfig, config, {"base": base, "rank": rank, **options})
+    cfg, calibration = _config(CompensateConfig, config, {"base": base, "rank": rank, **options},
+                               calibration)
     s = _Session(source, cfg, calibration, tokenizer, device, dtype)
-    params_before = count_parameters(s.model)
 
     def on_block(_i: int, stats: dict[str, Any]) -> None:
         local = {f: s.targets[f] for f in stats}
@@ -372,16 +383,10 @@ def compensate_streaming(
             surgery.replace_module(s.model, f, new)
             local[f].to("meta")  # the original weight is not needed any more
 
-    output = Output(out)
-    try:
+    def work(output: Output) -> tuple[Any, list[float]]:
         seconds = s.run(on_block, stats=("gram",), out=output,
                         propagate="compressed" if cfg.sequential else "original")
-        report = compensation_report(cfg, s.targets, params_before, 0, s.calib_info,
-                                     time.perf_counter() - start)
-        report.params_model_after = s.params_after(params_before, report.layers)
-        report.options["streaming"] = {"device": str(s.device), "block_seconds": seconds}
-        s.publish(output, report)
-    except BaseException:
-        output.abort()
-        raise
-    return report
+        return compensation_report(cfg, s.targets, s.params_before, 0, s.calib_info,
+                                   time.perf_counter() - start), seconds
+
+    return s.write(out, work, {})

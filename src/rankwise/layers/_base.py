@@ -143,6 +143,11 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     return weight
 
 
+def linear_bias(linear: nn.Linear) -> torch.Tensor | None:
+    """The bias of `linear`, detached (None when it has none): what `from_linear` hands on."""
+    return linear.bias.detach() if linear.bias is not None else None
+
+
 # ----------------------------------------------------------------------------- base class
 class ParameterizedLinear(nn.Module):
     """Base of the trainable linear parameterisations (see the module docstring).
@@ -245,6 +250,14 @@ class ParameterizedLinear(nn.Module):
         if bias is not None:
             with torch.no_grad():
                 self.bias.copy_(bias)
+
+    def _init_bias_(self, generator: torch.Generator | None) -> None:
+        """A fresh bias (if the layer has one): kaiming-uniform with fan-in = out_features, drawn
+        from `generator` (nothing is drawn for a layer without bias)."""
+        if self.bias is not None:
+            with torch.no_grad():
+                m = self.out_features
+                self.bias.copy_(kaiming_uniform((m,), m, generator))
 
     def _copy_bias_(self, linear: nn.Linear) -> None:
         if self.bias is not None and linear.bias is not None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rankwise import linalg
-from rankwise.layers._base import check_features
+from rankwise.layers._base import check_features, linear_bias
 from rankwise.linalg import break_even_rank, factorized_params, validate_rank
 
 __all__ = ["FactorizedLinear", "dense_parameters", "factorized_parameters", "saves_parameters"]
@@ -137,7 +137,7 @@ class FactorizedLinear(nn.Module):
             raise ValueError("weight contains NaN or Inf: the layer cannot be factorised")
         U, S, Vh = linalg.truncated_svd(work, rank)
         B, A = linalg.split_factors(U, S, Vh)
-        bias = linear.bias.detach() if linear.bias is not None else None
+        bias = linear_bias(linear)
         return cls.from_factors(B.to(weight.dtype), A.to(weight.dtype), bias)
 
     # ------------------------------------------------------------------ forward / views

@@ -26,7 +26,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_fraction, check_rank, linear_weight
+from rankwise.layers._base import (
+    ParameterizedLinear,
+    check_fraction,
+    check_rank,
+    linear_bias,
+    linear_weight,
+)
 from rankwise.linalg import compute_dtype
 
 __all__ = ["LOSTLinear"]
@@ -133,7 +139,7 @@ class LOSTLinear(ParameterizedLinear):
             else norms.new_zeros(0, dtype=torch.long)
         )
         sparse = residual[:, idx] if channel_dim == "in" else residual[idx, :]
-        bias = linear.bias.detach() if linear.bias is not None else None
+        bias = linear_bias(linear)
         dt = weight.dtype
         return cls(B.to(dt), A.to(dt), sparse.to(dt), idx, channel_dim, bias)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_bias, linear_weight
 from rankwise.layers.schedules import LayerSchedule
 from rankwise.linalg import break_even_rank, compute_dtype
 
@@ -71,9 +71,7 @@ class MaestroLinear(ParameterizedLinear):
         self.A = nn.Parameter(A.detach().clone().to(B.dtype))
         self.register_buffer("kept", torch.tensor(d, dtype=torch.long, device=B.device))
         self.active_rank: int | None = None
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(
@@ -90,7 +88,7 @@ class MaestroLinear(ParameterizedLinear):
         d = min(m, n) if rank is None else check_rank(rank, m, n)
         U, S, Vh = linalg.truncated_svd(weight.detach().to(compute_dtype(weight.dtype)), d)
         B, A = linalg.split_factors(U, S, Vh)
-        bias = linear.bias.detach() if linear.bias is not None else None
+        bias = linear_bias(linear)
         return cls(B.to(weight.dtype), A.to(weight.dtype), bias)
 
     # ------------------------------------------------------------------ ranks

@@ -123,9 +123,7 @@ class MonarchLinear(ParameterizedLinear):
         gen = make_generator(generator)
         self.L1 = nn.Parameter(kaiming_uniform(s1, s1[2], gen).to(device=device, dtype=dtype))
         self.L2 = nn.Parameter(kaiming_uniform(s2, s2[2], gen).to(device=device, dtype=dtype))
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(kaiming_uniform((out_features,), out_features, gen))
+        self._init_bias_(gen)
 
     @classmethod
     def from_linear(

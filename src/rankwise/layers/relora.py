@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_bias, linear_weight
 from rankwise.layers.restarts import reset_optimizer_state_
 from rankwise.layers.schedules import LayerSchedule
 from rankwise.linalg import compute_dtype, kaiming_uniform, make_generator
@@ -75,7 +75,7 @@ class ReLoRALinear(ParameterizedLinear):
     ) -> ReLoRALinear:
         """Freeze `linear.weight` (pretrained, or a fresh init for pretraining) and add (B, A)."""
         weight = linear_weight(linear)
-        bias = linear.bias.detach() if linear.bias is not None else None
+        bias = linear_bias(linear)
         return cls(weight, rank, alpha, dropout, bias, generator)
 
     @property

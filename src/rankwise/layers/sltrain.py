@@ -147,9 +147,7 @@ class SLTrainLinear(ParameterizedLinear):
         self.B = nn.Parameter(torch.zeros(m, self.rank, **factory))
         self.A = nn.Parameter(kaiming_uniform((self.rank, n), n, gen).to(**factory))
         self.values = nn.Parameter(kaiming_uniform((nnz,), n, gen).to(**factory))
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(kaiming_uniform((m,), m, gen))
+        self._init_bias_(gen)
         self.trainable_scaling = bool(trainable_scaling)
         if self.trainable_scaling:
             self.scaling = nn.Parameter(torch.ones(1, **factory))

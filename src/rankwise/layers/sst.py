@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_bias, linear_weight
 from rankwise.layers.restarts import reset_optimizer_state_
 from rankwise.layers.schedules import LayerSchedule, _check_every
 from rankwise.linalg import compute_dtype, make_generator
@@ -129,7 +129,7 @@ class SSTLinear(ParameterizedLinear):
         check_rank(rank, *weight.shape)
         U, S, Vh = linalg.svd(weight.detach().to(compute_dtype(weight.dtype)))
         dt = weight.dtype
-        bias = linear.bias.detach() if linear.bias is not None else None
+        bias = linear_bias(linear)
         return cls(U.to(dt), S.to(dt), Vh.to(dt), rank, bias, enhanced_grad, generator)
 
     # ------------------------------------------------------------------ forward

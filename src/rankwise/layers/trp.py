@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.layers._base import ParameterizedLinear, check_rank, linear_weight
+from rankwise.layers._base import ParameterizedLinear, check_rank, linear_bias, linear_weight
 from rankwise.layers.schedules import LayerSchedule
 from rankwise.linalg import compute_dtype
 
@@ -48,9 +48,7 @@ class TRPLinear(ParameterizedLinear):
         self.weight = nn.Parameter(weight.detach().clone())
         self.register_buffer("rank_", torch.tensor(0, dtype=torch.long, device=weight.device))
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
-        if bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(bias)
+        self._set_bias_(bias)
 
     @classmethod
     def from_linear(
@@ -58,7 +56,7 @@ class TRPLinear(ParameterizedLinear):
     ) -> TRPLinear:
         """Copy `linear` (pretrained or freshly initialised); `generator` is unused."""
         weight = linear_weight(linear)
-        return cls(weight, linear.bias.detach() if linear.bias is not None else None)
+        return cls(weight, linear_bias(linear))
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight

@@ -40,7 +40,13 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    dropout_option,
+    register_method,
+)
+from rankwise.config import option
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -53,31 +59,19 @@ def _check_beta(name: str, value: float) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class AdaLoRAConfig(MethodConfig):
-    """AdaLoRA options (PEFT AdaLoraConfig names in parentheses).
+    """AdaLoRA options (PEFT AdaLoraConfig names in parentheses)."""
 
-    Attributes:
-        rank: initial rank of every layer (``init_r``).
-        target_rank: average rank kept at the end (``target_r``).
-        alpha: α; c = α/(r + 1e-5) (α ≤ 0: c = r/(r + 1e-5)).
-        dropout: dropout on the adapter input.
-        tinit, tfinal: steps of the initial / final phase without budget change.
-        delta_t: mask every delta_t steps during the cubic phase (``deltaT``).
-        beta1, beta2: EMA factors of sensitivity and uncertainty.
-        orth_reg_weight: weight of the orthogonality penalty.
-        total_step: T, if `attach_rules` is not given ``total_steps``.
-    """
-
-    rank: int = 12
-    target_rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    rank: int = option(12, "initial rank of every layer (``init_r``)")
+    target_rank: int = option(8, "average rank kept at the end (``target_r``)")
+    alpha: float = option(8.0, "α; c = α/(r + 1e-5) (α ≤ 0: c = r/(r + 1e-5))")
+    dropout: float = dropout_option(0.0)
+    tinit: int = option(0, "steps of the initial phase without budget change")
+    tfinal: int = option(0, "steps of the final phase without budget change")
+    delta_t: int = option(1, "mask every delta_t steps during the cubic phase (``deltaT``)")
+    beta1: float = option(0.85, "EMA factor of the sensitivity")
+    beta2: float = option(0.85, "EMA factor of the uncertainty")
+    orth_reg_weight: float = option(0.5, "weight of the orthogonality penalty")
+    total_step: int | None = option(None, "T, if `attach_rules` is not given ``total_steps``")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,7 +80,6 @@ class AdaLoRAConfig(MethodConfig):
                              f"got {self.target_rank!r}")
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
-        check_probability("dropout", self.dropout)
         for name in ("tinit", "tfinal"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -141,7 +134,7 @@ class AdaLoRA(AdapterMethod):
         self.E = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.scale = (config.alpha if config.alpha > 0 else float(r)) / (r + 1e-5)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
         self.ipt: dict[str, torch.Tensor] = {}  # Ī per tensor name
         self.unc: dict[str, torch.Tensor] = {}  # Ū per tensor name
         self.fixed_mask: torch.Tensor | None = None  # kept triplets once the budget is final

@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform
 
 
@@ -67,16 +68,12 @@ def scale_grad_rows(weight: torch.Tensor, eta: float, granularity: str = "row") 
 
 @dataclass(frozen=True, kw_only=True)
 class ALLoRAConfig(MethodConfig):
-    """ALLoRA options.
+    """ALLoRA options."""
 
-    Attributes:
-        rank: r.
-        eta: η of the coefficient c(ν) = 1/√(ν² + 1/η²) (the step multiplier at ν = 0).
-        granularity: "row" (norm per row of A and of B) or "matrix" (per matrix).
-    """
-
-    eta: float = 1.0
-    granularity: str = "row"
+    eta: float = option(1.0, "η of the coefficient c(ν) = 1/√(ν² + 1/η²) (the step multiplier at "
+                        "ν = 0)")
+    granularity: str = option("row", "\"row\" (norm per row of A and of B) or \"matrix\" (per "
+                              "matrix)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

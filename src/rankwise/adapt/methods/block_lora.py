@@ -36,26 +36,21 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
+    dropout_option,
     register_method,
 )
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
 class BlockLoRAConfig(MethodConfig):
-    """Block-LoRA options.
+    """Block-LoRA options."""
 
-    Attributes:
-        rank: total rank r = n · (rank of A_s); must be divisible by `n_blocks`.
-        n_blocks: n, the number of up-projection blocks sharing A_s.
-        alpha: α; the branch is scaled by α/r.
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    n_blocks: int = 2
-    alpha: float = 8.0
-    dropout: float = 0.0
+    rank: int = option(8, "total rank r = n · (rank of A_s); must be divisible by `n_blocks`")
+    n_blocks: int = option(2, "n, the number of up-projection blocks sharing A_s")
+    alpha: float = option(8.0, "α; the branch is scaled by α/r")
+    dropout: float = dropout_option(0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,7 +62,6 @@ class BlockLoRAConfig(MethodConfig):
                 f"choose rank = {n * max(1, self.rank // n)}"
             )
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
 
     @property
     def block_rank(self) -> int:
@@ -95,7 +89,7 @@ class BlockLoRA(AdapterMethod):
             torch.zeros(config.n_blocks, self.out_features, k, dtype=dtype, device=device)
         )
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """A_s kaiming-uniform (bound 1/√in, as PEFT's LoRA A), every B_i = 0."""

@@ -32,6 +32,7 @@ from torch import nn
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, check_integer, register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.config import option
 from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,17 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True, kw_only=True)
 class DyLoRAConfig(LoRAConfig):
-    """DyLoRA options: LoRA's (``rank`` is r_max), plus
+    """DyLoRA options: LoRA's (``rank`` is r_max) and the rank-sampling fields below."""
 
-    Attributes:
-        min_rank: smallest rank sampled during training.
-        update: "frozen" (only row/column b trains at each step) or "full".
-        seed: seed of the per-step rank draws.
-    """
-
-    min_rank: int = 1
-    update: str = "frozen"
-    seed: int = 0
+    min_rank: int = option(1, "smallest rank sampled during training")
+    update: str = option("frozen", "\"frozen\" (only row/column b trains at each step) or \"full\"")
+    seed: int = option(0, "seed of the per-step rank draws")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -43,34 +43,31 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import MethodConfig, check_alpha, check_probability, register_method
+from rankwise.adapt.method import (
+    MethodConfig,
+    check_alpha,
+    dropout_option,
+    register_method,
+)
 from rankwise.adapt.methods.lora import LoRABase
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class EVAConfig(MethodConfig):
-    """EVA options (defaults: PEFT's LoraConfig and EvaConfig).
+    """EVA options (defaults: PEFT's LoraConfig and EvaConfig)."""
 
-    Attributes:
-        rank: r, the average rank; the budget is r × number of target layers.
-        alpha: α; the scale is α/r (see `adjust_scaling_factors`).
-        dropout: dropout probability on the adapter input (training only).
-        rho: ρ >= 1; each layer offers round(r·ρ) components to the redistribution
-            (ρ = 1: uniform ranks).
-        whiten: divide each A row by the square root of its singular value.
-        adjust_scaling_factors: α_l = α·rank_l/r, keeping every layer's scale α/r.
-    """
-
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rho: float = 2.0
-    whiten: bool = False
-    adjust_scaling_factors: bool = True
+    rank: int = option(8, "r, the average rank; the budget is r × number of target layers")
+    alpha: float = option(8.0, "α; the scale is α/r (see `adjust_scaling_factors`)")
+    dropout: float = dropout_option(0.0)
+    rho: float = option(2.0, "ρ >= 1; each layer offers round(r·ρ) components to the "
+                        "redistribution (ρ = 1: uniform ranks)")
+    whiten: bool = option(False, "divide each A row by the square root of its singular value")
+    adjust_scaling_factors: bool = option(True, "α_l = α·rank_l/r, keeping every layer's scale α/r")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
         if not isinstance(self.rho, int | float) or not math.isfinite(self.rho) or self.rho < 1:
             raise ValueError(f"rho must be a number >= 1 (1 = uniform ranks), got {self.rho!r}")
 

@@ -38,33 +38,27 @@ from rankwise.adapt.method import (
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
+    dropout_option,
     register_method,
 )
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class FLoRAConfig(MethodConfig):
-    """FLoRA options (defaults: the official ConvNeXt example).
+    """FLoRA options (defaults: the official ConvNeXt example)."""
 
-    Attributes:
-        rank: Tucker rank of the channel axes (d_in and d_out; Linear's r).
-        kernel_rank: Tucker rank of each spatial kernel axis (Conv2d), capped at the kernel size.
-        scale: fixed multiplier of ΔW.
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    rank: int = 16
-    kernel_rank: int = 2
-    scale: float = 4.0
-    dropout: float = 0.01
+    rank: int = option(16, "Tucker rank of the channel axes (d_in and d_out; Linear's r)")
+    kernel_rank: int = option(2, "Tucker rank of each spatial kernel axis (Conv2d), capped at "
+                              "the kernel size")
+    scale: float = option(4.0, "fixed multiplier of ΔW")
+    dropout: float = dropout_option(0.01)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         k = self.kernel_rank
         check_integer("kernel_rank", k, minimum=1)
         check_alpha(self.scale, "scale")
-        check_probability("dropout", self.dropout)
 
 
 def tucker_product(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -105,7 +99,7 @@ class FLoRA(AdapterMethod):
             nn.Parameter(torch.zeros(d, r, dtype=dtype, device=device))
             for d, r in zip(self.dims, self.ranks, strict=True)
         )
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """U⁽ⁿ⁾ ~ kaiming_normal(a=√3) = N(0, 1/(2 r_n)); G = 0."""

@@ -51,8 +51,14 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    dropout_option,
+    register_method,
+)
 from rankwise.adapt.methods.adalora import _check_beta
+from rankwise.config import option
 from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,34 +70,27 @@ RESERVE_E = 1e-5
 
 @dataclass(frozen=True, kw_only=True)
 class IncreLoRAConfig(MethodConfig):
-    """IncreLoRA options (official names in parentheses).
+    """IncreLoRA options (official names in parentheses)."""
 
-    Attributes:
-        rank: initial rank of every module (``lora_r``).
-        target_rank: average final rank (``target_rank``); total = target_rank · #modules.
-        add_rank: ranks added per growth (``incre_rank_num``); None: ADD_RANK[target_rank].
-        init_warmup, incre_interval: growth at steps t > init_warmup, t % incre_interval == 0.
-        top_h: modules grown per event.
-        beta1, beta2: EMA factors of the score and its uncertainty.
-        alpha, dropout: α of α/(N + 1e-5) and the input dropout.
-        orth_reg_weight: weight of the orthogonality penalty (``reg_orth_coef``).
-        advance_learn: pre-train the reserve (A_res, B_res trainable, E_res = 1e-5).
-        keep_output: rescale E at a growth so the output does not jump (not official).
-    """
-
-    rank: int = 1
-    target_rank: int = 8
-    add_rank: int | None = None
-    init_warmup: int = 100
-    incre_interval: int = 100
-    top_h: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    alpha: float = 32.0
-    dropout: float = 0.3
-    orth_reg_weight: float = 0.1
-    advance_learn: bool = True
-    keep_output: bool = False
+    rank: int = option(1, "initial rank of every module (``lora_r``)")
+    target_rank: int = option(8, "average final rank (``target_rank``); total = target_rank · "
+                              "#modules")
+    add_rank: int | None = option(None, "ranks added per growth (``incre_rank_num``); None: "
+                                  "ADD_RANK[target_rank]")
+    init_warmup: int = option(100, "no growth up to this step (growth at steps t > init_warmup, "
+                              "t % incre_interval == 0)")
+    incre_interval: int = option(100, "steps between growths (at t % incre_interval == 0, after "
+                                 "init_warmup)")
+    top_h: int = option(10, "modules grown per event")
+    beta1: float = option(0.85, "EMA factor of the score")
+    beta2: float = option(0.85, "EMA factor of the score's uncertainty")
+    alpha: float = option(32.0, "α of the scale α/(N + 1e-5)")
+    dropout: float = dropout_option(0.3)
+    orth_reg_weight: float = option(0.1, "weight of the orthogonality penalty (``reg_orth_coef``)")
+    advance_learn: bool = option(True, "pre-train the reserve (A_res, B_res trainable, E_res = "
+                                 "1e-5)")
+    keep_output: bool = option(False, "rescale E at a growth so the output does not jump (not "
+                               "official)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,7 +108,6 @@ class IncreLoRAConfig(MethodConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         _check_beta("beta1", self.beta1)
         _check_beta("beta2", self.beta2)
-        check_probability("dropout", self.dropout)
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
 
@@ -146,7 +144,7 @@ class IncreLoRA(AdapterMethod):
             self.register_buffer("A_res", self._zeros(n, self.in_features))
             self.register_buffer("B_res", self._zeros(self.out_features, n))
         self.register_buffer("E_res", self._zeros(n))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
         self.seed = 0
         self.growths = 0
         self.finished = False  # growth over: no dense scoring, E_res = 0

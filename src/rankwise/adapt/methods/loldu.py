@@ -27,20 +27,17 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_alpha, register_method
+from rankwise.config import option
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoLDUConfig(MethodConfig):
-    """LoLDU options.
+    """LoLDU options."""
 
-    Attributes:
-        rank: r, leading LDU components trained (README example: 15).
-        alpha: α; σ = α/r (official default α = 1).
-    """
-
-    alpha: float = 1.0
+    rank: int = option(8, "r, leading LDU components trained (README example: 15)")
+    alpha: float = option(1.0, "α; σ = α/r (official default α = 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

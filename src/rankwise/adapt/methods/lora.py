@@ -24,33 +24,27 @@ from rankwise.adapt.method import (
     AdapterMethod,
     MethodConfig,
     check_alpha,
-    check_probability,
+    dropout_option,
     register_method,
 )
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig(MethodConfig):
-    """LoRA options.
+    """LoRA options."""
 
-    Attributes:
-        rank: r.
-        alpha: α; the branch is scaled by α/r (α/√r with `use_rslora`). PEFT default 8.
-        dropout: dropout probability on the adapter input (training only).
-        use_rslora: scale by α/√r (rsLoRA) instead of α/r.
-        init: "kaiming" (PEFT's default) or "gaussian" for A; B = 0 either way.
-    """
-
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: str = "kaiming"
+    alpha: float = option(8.0, "α; the branch is scaled by α/r (α/√r with `use_rslora`). PEFT "
+                          "default 8")
+    dropout: float = dropout_option(0.0)
+    use_rslora: bool = option(False, "scale by α/√r (rsLoRA) instead of α/r")
+    init: str = option("kaiming", "\"kaiming\" (PEFT's default) or \"gaussian\" for A; B = 0 "
+                       "either way")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
@@ -75,7 +69,7 @@ class LoRABase(AdapterMethod):
         self.A = nn.Parameter(torch.zeros(r, n_in, dtype=dtype, device=device))  # (r, in)
         self.B = nn.Parameter(torch.zeros(n_out, r, dtype=dtype, device=device))  # (out, r)
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """PEFT's default init: A kaiming-uniform (or gaussian), B = 0; embeddings swapped."""

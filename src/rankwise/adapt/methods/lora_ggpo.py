@@ -35,6 +35,7 @@ from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.config import option
 from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,15 +44,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAGGPOConfig(LoRAConfig):
-    """LoRA-GGPO options: LoRA's, plus
+    """LoRA-GGPO options: LoRA's and the perturbation fields below."""
 
-    Attributes:
-        rho: ρ, the perturbation radius relative to the row norms.
-        mix: a ∈ [0, 1], the weight of the weight-norm term (1 − a: gradient-norm term).
-    """
-
-    rho: float = 0.05
-    mix: float = 0.5
+    rho: float = option(0.05, "ρ, the perturbation radius relative to the row norms")
+    mix: float = option(0.5, "a ∈ [0, 1], the weight of the weight-norm term (1 − a: "
+                        "gradient-norm term)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

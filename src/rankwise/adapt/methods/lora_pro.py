@@ -34,6 +34,7 @@ import torch
 from rankwise import linalg
 from rankwise.adapt.method import register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.config import option
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -44,14 +45,12 @@ X_MODES = ("sylvester", "symmetry", "zero")
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAProConfig(LoRAConfig):
-    """LoRA-Pro options: LoRA's (α default 16: the official s = 2 at r = 8), plus
+    """LoRA-Pro options: LoRA's (α default 16: the official s = 2 at r = 8) and `x_mode`."""
 
-    Attributes:
-        x_mode: how the free r×r matrix X is chosen: "sylvester", "symmetry" or "zero".
-    """
-
-    alpha: float = 16.0
-    x_mode: str = "sylvester"
+    alpha: float = option(16.0, "α; the branch is scaled by α/r (α/√r with `use_rslora`); 16 is "
+                          "the official s = 2 at r = 8")
+    x_mode: str = option("sylvester", "how the free r×r matrix X is chosen: \"sylvester\", "
+                         "\"symmetry\" or \"zero\"")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -32,6 +32,7 @@ from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import register_method
 from rankwise.adapt.methods.lora_xs import LoRAXS, LoRAXSConfig
+from rankwise.config import option
 
 
 def first_update_estimate(grad: torch.Tensor, lr: float) -> torch.Tensor:
@@ -43,15 +44,11 @@ def first_update_estimate(grad: torch.Tensor, lr: float) -> torch.Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class LoRASBConfig(LoRAXSConfig):
-    """LoRA-SB options: LoRA-XS's (``init``/``r_std`` unused), plus
+    """LoRA-SB options: LoRA-XS's (``init``/``r_std`` unused) and the first-step fields below."""
 
-    Attributes:
-        init_lr: learning rate of the first-step estimate −lr·sign(Σg).
-        noop_init: store W − s·B R₀ A as the base so the adapted model starts at the base model.
-    """
-
-    init_lr: float = 1e-3
-    noop_init: bool = False
+    init_lr: float = option(1e-3, "learning rate of the first-step estimate −lr·sign(Σg)")
+    noop_init: bool = option(False, "store W − s·B R₀ A as the base so the adapted model starts "
+                             "at the base model")
 
     def __post_init__(self) -> None:
         super().__post_init__()

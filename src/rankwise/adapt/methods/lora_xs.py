@@ -26,32 +26,31 @@ from torch import nn
 
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
-from rankwise.adapt.method import AdapterMethod, MethodConfig, check_probability, register_method
+from rankwise.adapt.method import (
+    AdapterMethod,
+    MethodConfig,
+    dropout_option,
+    register_method,
+)
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAXSConfig(MethodConfig):
-    """LoRA-XS options.
+    """LoRA-XS options."""
 
-    Attributes:
-        rank: r (R is r × r).
-        alpha: α, scale s = α/r; None (default) for s = 1.
-        dropout: dropout probability on the adapter input (training only).
-        init: "svd" (R ~ N(0, r_std²), official) or "zero" (R = 0, an exact no-op).
-        r_std: standard deviation of the "svd" init of R (official 1e-5).
-    """
-
-    alpha: float | None = None
-    dropout: float = 0.0
-    init: str = "svd"
-    r_std: float = 1e-5
+    rank: int = option(8, "r (R is r × r)")
+    alpha: float | None = option(None, "α, scale s = α/r; None (default) for s = 1")
+    dropout: float = dropout_option(0.0)
+    init: str = option("svd", "\"svd\" (R ~ N(0, r_std²), official) or \"zero\" (R = 0, an exact "
+                       "no-op)")
+    r_std: float = option(1e-5, "standard deviation of the \"svd\" init of R (official 1e-5)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha is not None and (not isinstance(self.alpha, int | float)
                                        or not math.isfinite(self.alpha) or self.alpha == 0):
             raise ValueError(f"alpha must be None or a finite nonzero number, got {self.alpha!r}")
-        check_probability("dropout", self.dropout)
         if self.init not in ("svd", "zero"):
             raise ValueError(f"init must be 'svd' or 'zero', got {self.init!r}")
         if not isinstance(self.r_std, int | float) or not self.r_std >= 0:
@@ -82,7 +81,7 @@ class LoRAXS(AdapterMethod):
         self.register_buffer("A", torch.zeros(r, self.in_features, dtype=dtype, device=device))
         self.register_buffer("B", torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.scale = config.scale
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def initialize(self, ctx: InitContext) -> None:
         """B = U_r, A = Σ_r V_rᵀ from the SVD of W; R ~ N(0, r_std²) or 0."""

@@ -41,19 +41,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
+    dropout_option,
     register_method,
 )
+from rankwise.adapt.methods._shared_bases import MaterializedFactors
+from rankwise.config import option
 from rankwise.linalg import kaiming_uniform, make_generator
 
 ROLES = ("A", "B")
@@ -63,24 +63,15 @@ _LOADED: weakref.WeakValueDictionary[str, nn.Parameter] = weakref.WeakValueDicti
 
 @dataclass(frozen=True, kw_only=True)
 class MoSConfig(MethodConfig):
-    """MoS options (names of the official scripts in brackets).
+    """MoS options (names of the official scripts in brackets)."""
 
-    Attributes:
-        rank: r, the active rank of every layer's materialised A, B [lora_r].
-        budget_rank: equivalent rank of the trainable budget per layer, pools + private
-            [valid_param_lora_r].
-        private_rank: p, rank vectors private to each layer [valid_param_private_r].
-        num_chunks: k, shards per rank vector [num_chunk_per_vec].
-        alpha: α; scale α/r [lora_alpha].
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    rank: int = 8
-    budget_rank: int = 2
-    private_rank: int = 0
-    num_chunks: int = 2
-    alpha: float = 16.0
-    dropout: float = 0.1
+    rank: int = option(8, "r, the active rank of every layer's materialised A, B [lora_r]")
+    budget_rank: int = option(2, "equivalent rank of the trainable budget per layer, pools + "
+                              "private [valid_param_lora_r]")
+    private_rank: int = option(0, "p, rank vectors private to each layer [valid_param_private_r]")
+    num_chunks: int = option(2, "k, shards per rank vector [num_chunk_per_vec]")
+    alpha: float = option(16.0, "α; scale α/r [lora_alpha]")
+    dropout: float = dropout_option(0.1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,7 +91,6 @@ class MoSConfig(MethodConfig):
                 "to rank)"
             )
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
 
     @property
     def shared_rank(self) -> int:
@@ -126,7 +116,7 @@ def route(n_slots: int, n_shards: int, generator: torch.Generator) -> torch.Tens
 @register_method(
     "mos", summary="MoS (Wang et al. 2025): LoRA assembled from shards of shared pools"
 )
-class MoS(AdapterMethod):
+class MoS(MaterializedFactors):
     """Pool-assembled LoRA: pools (owner layer only), private rows, fixed shard indices."""
 
     config_cls = MoSConfig
@@ -154,7 +144,7 @@ class MoS(AdapterMethod):
         for role, spec in (pools or {}).items():
             self._attach(role, spec, None)
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     # ------------------------------------------------------------------ pools
     def _attach(self, role: str, spec: dict[str, Any], pool: nn.Parameter | None) -> None:
@@ -247,13 +237,3 @@ class MoS(AdapterMethod):
         B_shared = self.pool("B")[self.B_index].reshape(s, self.out_features).T
         return (torch.cat([self.A_private, A_shared], 0),
                 torch.cat([self.B_private, B_shared], 1))
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = (α/r) B A (out, in)."""
-        A, B = self.factors()
-        return self.scale * (B @ A)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, geo: Geometry) -> torch.Tensor:
-        A, B = self.factors()
-        h = F.linear(self.dropout(x.to(A.dtype)), A)
-        return base_out + (self.scale * F.linear(h, B)).to(base_out.dtype)

@@ -32,13 +32,14 @@ from torch import nn
 from rankwise.adapt.context import InitContext, layer_seed
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
+    dropout_option,
     register_method,
 )
+from rankwise.adapt.methods._shared_bases import MaterializedFactors
+from rankwise.config import option
 from rankwise.linalg import make_generator
 
 _MOD = 2**63 - 1
@@ -98,22 +99,15 @@ def combine_bases(coef: torch.Tensor, seed: int, factor: int, shape: tuple[int, 
 
 @dataclass(frozen=True, kw_only=True)
 class NOLAConfig(MethodConfig):
-    """NOLA options (defaults: the official GPT-2 M E2E script).
+    """NOLA options (defaults: the official GPT-2 M E2E script)."""
 
-    Attributes:
-        rank: r of the generated LoRA factors.
-        num_basis_A: k, random bases of A.
-        num_basis_B: l, random bases of B.
-        alpha: α; the branch is scaled by α/r.
-        dropout: dropout probability on the adapter input (training only).
-        chunk: bases generated at once (memory/speed trade-off; results do not depend on it).
-    """
-
-    num_basis_A: int = 512
-    num_basis_B: int = 512
-    alpha: float = 8.0
-    dropout: float = 0.0
-    chunk: int = 64
+    rank: int = option(8, "r of the generated LoRA factors")
+    num_basis_A: int = option(512, "k, random bases of A")
+    num_basis_B: int = option(512, "l, random bases of B")
+    alpha: float = option(8.0, "α; the branch is scaled by α/r")
+    dropout: float = dropout_option(0.0)
+    chunk: int = option(64, "bases generated at once (memory/speed trade-off; results do not "
+                        "depend on it)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,13 +115,12 @@ class NOLAConfig(MethodConfig):
             value = getattr(self, name)
             check_integer(name, value, minimum=1)
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
 
 
 @register_method(
     "nola", summary="NOLA (Koohpayegani et al. 2024): LoRA factors as combinations of random bases"
 )
-class NOLA(AdapterMethod):
+class NOLA(MaterializedFactors):
     """Trainable coefficients α (k,), β (l,) of seeded random bases of A and B."""
 
     config_cls = NOLAConfig
@@ -143,7 +136,7 @@ class NOLA(AdapterMethod):
         self.register_buffer("A0", None, persistent=False)  # (r, in), regenerable
         self.seed: int | None = None
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def _set_seed(self, seed: int) -> None:
         self.seed = int(seed)
@@ -180,13 +173,3 @@ class NOLA(AdapterMethod):
                                     cfg.chunk)
         B = combine_bases(self.coef_B, self.seed, B_BASES, (self.out_features, r), cfg.chunk)
         return A, B
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B A (out, in)."""
-        A, B = self.factors()
-        return self.scale * (B @ A)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, geo: Geometry) -> torch.Tensor:
-        A, B = self.factors()
-        h = geo.apply_in(self.dropout(x.to(A.dtype)), A)
-        return base_out + (self.scale * geo.apply_features(h, B)).to(base_out.dtype)

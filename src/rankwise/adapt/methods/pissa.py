@@ -27,19 +27,17 @@ from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import register_method
 from rankwise.adapt.methods.lora import LoRABase, LoRAConfig
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class PiSSAConfig(LoRAConfig):
-    """PiSSA options: LoRA's, plus
+    """PiSSA options: LoRA's and `niter`."""
 
-    Attributes:
-        niter: None for an exact SVD (PEFT ``init_lora_weights="pissa"``); K for a randomized
-            SVD with K power iterations, oversampled (like PEFT ``"pissa_niter_K"``, more
-            accurate, not equal to it; seconds instead of minutes on large layers).
-    """
-
-    niter: int | None = None
+    niter: int | None = option(
+        None, "None for an exact SVD (PEFT ``init_lora_weights=\"pissa\"``); K for a randomized "
+        "SVD with K power iterations, oversampled (like PEFT ``\"pissa_niter_K\"``, more "
+        "accurate, not equal to it; seconds instead of minutes on large layers)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

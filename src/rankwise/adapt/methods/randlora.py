@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +37,20 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_alpha,
     check_integer,
-    check_probability,
+    dropout_option,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
-    check_saved_shape,
+    RegeneratedBases,
+    check_bases_fit,
     generator,
     max_shape,
-    shared_basis,
+    shared_pair,
 )
+from rankwise.config import option
 
 BASES = ("uniform", "sparse", "very_sparse")
 
@@ -73,14 +73,13 @@ def randlora_bases(key: int, rank: int, dims: tuple[int, int], kind: str, *,
     d, d_max = dims
     n_max = math.ceil(d / rank)
 
-    def draw() -> torch.Tensor:
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         gen = generator(key)
         a = _draw((rank, d), kind, d, gen)
-        b = torch.cat([_draw((d_max, rank), kind, d, gen) for _ in range(n_max)], dim=1)
-        return torch.cat([a.reshape(-1), b.reshape(-1)]).to(device=device, dtype=dtype)
+        return a, torch.cat([_draw((d_max, rank), kind, d, gen) for _ in range(n_max)], dim=1)
 
-    flat = shared_basis(("randlora", key, rank, d, d_max, kind, dtype, str(device)), draw)
-    return flat[: rank * d].view(rank, d), flat[rank * d:].view(d_max, n_max * rank)
+    return shared_pair(("randlora", key, rank, d, d_max, kind), ((rank, d), (d_max, n_max * rank)),
+                       draw, dtype=dtype, device=device)
 
 
 class _ScaledBases(torch.autograd.Function):
@@ -108,26 +107,19 @@ def scaled_bases(A: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor) -> tor
 
 @dataclass(frozen=True, kw_only=True)
 class RandLoRAConfig(MethodConfig):
-    """RandLoRA options (defaults: PEFT ``RandLoraConfig``).
+    """RandLoRA options (defaults: PEFT ``RandLoraConfig``)."""
 
-    Attributes:
-        rank: r, the rank of each random basis (lower r ⇒ more bases ⇒ more parameters).
-        alpha: α; ΔW is scaled by α/r (PEFT default 640 ≈ 20·r).
-        dropout: dropout probability on the adapter input (training only).
-        projection_prng_key: seed of the shared bases.
-        basis: "uniform" (dense), "sparse" or "very_sparse" ternary bases.
-    """
-
-    rank: int = 32
-    alpha: float = 640.0
-    dropout: float = 0.0
-    projection_prng_key: int = 0
-    basis: str = "uniform"
+    rank: int = option(32, "r, the rank of each random basis (lower r ⇒ more bases ⇒ more "
+                       "parameters)")
+    alpha: float = option(640.0, "α; ΔW is scaled by α/r (PEFT default 640 ≈ 20·r)")
+    dropout: float = dropout_option(0.0)
+    projection_prng_key: int = option(0, "seed of the shared bases")
+    basis: str = option("uniform", "\"uniform\" (dense), \"sparse\" or \"very_sparse\" ternary "
+                        "bases")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.alpha)
-        check_probability("dropout", self.dropout)
         check_integer("projection_prng_key", self.projection_prng_key)
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
@@ -136,11 +128,12 @@ class RandLoRAConfig(MethodConfig):
 @register_method(
     "randlora", summary="RandLoRA (Albert et al. 2025): full-rank update from scaled shared random bases"
 )
-class RandLoRA(AdapterMethod):
+class RandLoRA(RegeneratedBases):
     """Trainable λ (r, n), γ (n, d_min) scaling n shared random rank-r bases."""
 
     config_cls = RandLoRAConfig
     config: RandLoRAConfig
+    basis_sizes = "basis_dims"
 
     def __init__(self, config: RandLoRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
@@ -156,12 +149,10 @@ class RandLoRA(AdapterMethod):
         self.register_buffer("B", None, persistent=False)  # (d_max, n·r) slice of the shared B
         self.basis_dims: tuple[int, int] | None = None  # (D, D_max) of the shared bases
         self.scale = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def _attach_bases(self, d: int, d_max: int) -> None:
-        if d < self.d_min or d_max < self.d_max:
-            raise ValueError(f"shared RandLoRA bases ({d}, {d_max}) are too small for this "
-                             f"layer ({self.d_min}, {self.d_max}): the saved adapter is corrupt")
+        check_bases_fit("RandLoRA", (d, d_max), (self.d_min, self.d_max))
         self.basis_dims = (d, d_max)
         cfg, like = self.config, self.lam
         A, B = randlora_bases(cfg.projection_prng_key, cfg.rank, (d, d_max), cfg.basis,
@@ -176,21 +167,6 @@ class RandLoRA(AdapterMethod):
         with torch.no_grad():
             self.lam.zero_()
             self.gamma.fill_(1.0 / max(self.gamma.shape))
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"basis_dims": list(self.basis_dims or ())}
-
-    @classmethod
-    def from_saved(cls, config: RandLoRAConfig, geometry: Geometry, extra: dict[str, Any]
-                   ) -> RandLoRA:
-        method = cls(config, geometry)
-        method.basis_dims = check_saved_shape(extra, "basis_dims", "randlora")  # type: ignore[assignment]
-        return method
-
-    def after_load(self, geometry: Geometry) -> None:
-        """Redraw the shared bases from the key and the saved sizes."""
-        assert self.basis_dims is not None
-        self._attach_bases(*self.basis_dims)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) = s·B'A' (in ≤ out) or its transpose."""

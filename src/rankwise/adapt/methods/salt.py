@@ -34,22 +34,20 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_integer, register_method
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class SALTConfig(MethodConfig):
-    """SALT options.
+    """SALT options."""
 
-    Attributes:
-        rank: r, top singular values given a trainable scale and shift.
-        lora_rank: r_L of the low-rank update of the remaining (k − r) block (README: 4).
-        init: "official" (X, Y ~ N(0, 0.01²)) or "noop" (Y = 0: exact no-op at init).
-        reg_weight: weight of the regularizer in the loss (0: off; > 0 needs attach_rules).
-    """
-
-    lora_rank: int = 4
-    init: str = "official"
-    reg_weight: float = 0.0
+    rank: int = option(8, "r, top singular values given a trainable scale and shift")
+    lora_rank: int = option(4, "r_L of the low-rank update of the remaining (k − r) block "
+                            "(README: 4)")
+    init: str = option("official", "\"official\" (X, Y ~ N(0, 0.01²)) or \"noop\" (Y = 0: exact "
+                       "no-op at init)")
+    reg_weight: float = option(0.0, "weight of the regularizer in the loss (0: off; > 0 needs "
+                               "attach_rules)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -50,6 +50,7 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, check_integer, register_method
+from rankwise.config import option
 from rankwise.linalg import make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,22 +59,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True, kw_only=True)
 class SaRAConfig(MethodConfig):
-    """SaRA options (``rank`` is unused: SaRA's update has no fixed rank).
+    """SaRA options (``rank`` is unused: SaRA's update has no fixed rank)."""
 
-    Attributes:
-        threshold: positions with |w| < threshold train.
-        lambda_rank: λ of the nuclear-norm penalty (0 disables it).
-        progressive_iter: re-select the mask after this many optimizer steps (None: never).
-        nuclear_min_dim: only layers with min(out, in) > this get the penalty (official: 64).
-        nuclear_min_masked: a drawn layer with at most this many masked entries is skipped
-            (official adamw2.py: 100).
-    """
-
-    threshold: float = 2e-3
-    lambda_rank: float = 5e-4
-    progressive_iter: int | None = 2500
-    nuclear_min_dim: int = 64
-    nuclear_min_masked: int = 100
+    threshold: float = option(2e-3, "positions with |w| < threshold train")
+    lambda_rank: float = option(5e-4, "λ of the nuclear-norm penalty (0 disables it)")
+    progressive_iter: int | None = option(2500, "re-select the mask after this many optimizer "
+                                          "steps (None: never)")
+    nuclear_min_dim: int = option(64, "only layers with min(out, in) > this get the penalty "
+                                  "(official: 64)")
+    nuclear_min_masked: int = option(100, "a drawn layer with at most this many masked entries "
+                                     "is skipped (official adamw2.py: 100)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

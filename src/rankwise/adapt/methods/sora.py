@@ -36,6 +36,7 @@ from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, register_method
 from rankwise.adapt.methods.lora import LoRA, LoRABase, LoRAConfig
+from rankwise.config import option
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankwise.adapt.rules import RuleState
@@ -45,18 +46,15 @@ _CHECKED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 @dataclass(frozen=True, kw_only=True)
 class SoRAConfig(LoRAConfig):
-    """SoRA options: LoRA's (α default 16 as the official LoraArguments), plus
+    """SoRA options: LoRA's (α default 16 as the official LoraArguments) and the gate fields."""
 
-    Attributes:
-        l1_weight: λ₁ of the loss term λ₁ · mean |g| (official ``sparse_lambda``).
-        threshold: λ₂ of the proximal step (official ``sparse_lambda_2``).
-        official_prox: reproduce the official three-step thresholding (dead zone 2λ₂).
-    """
-
-    alpha: float = 16.0
-    l1_weight: float = 1e-3
-    threshold: float = 1e-3
-    official_prox: bool = False
+    alpha: float = option(16.0, "α; the branch is scaled by α/r (α/√r with `use_rslora`); 16 as "
+                          "the official LoraArguments")
+    l1_weight: float = option(1e-3, "λ₁ of the loss term λ₁ · mean |g| (official "
+                              "``sparse_lambda``)")
+    threshold: float = option(1e-3, "λ₂ of the proximal step (official ``sparse_lambda_2``)")
+    official_prox: bool = option(False, "reproduce the official three-step thresholding (dead "
+                                 "zone 2λ₂)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

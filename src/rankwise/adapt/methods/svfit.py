@@ -25,19 +25,17 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import AdapterMethod, MethodConfig, register_method
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class SVFitConfig(MethodConfig):
-    """SVFit options.
+    """SVFit options."""
 
-    Attributes:
-        rank: r, the number of top singular values trained (ignored when `energy` is set).
-        energy: None, or a fraction in (0, 1]: per layer, the smallest r with
-            Σ_{i≤r} σ_i² ≥ energy · Σ σ_i².
-    """
-
-    energy: float | None = None
+    rank: int = option(
+        8, "r, the number of top singular values trained (ignored when `energy` is set)")
+    energy: float | None = option(None, "None, or a fraction in (0, 1]: per layer, the smallest "
+                                  "r with Σ_{i≤r} σ_i² ≥ energy · Σ σ_i²")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,42 +30,35 @@ from torch import nn
 from rankwise.adapt.context import InitContext
 from rankwise.adapt.geometry import Geometry
 from rankwise.adapt.method import (
-    AdapterMethod,
     MethodConfig,
     check_integer,
-    check_probability,
+    dropout_option,
     register_method,
 )
 from rankwise.adapt.methods._shared_bases import (
-    check_saved_shape,
+    RegeneratedBases,
+    check_bases_fit,
     generator,
     max_shape,
-    shared_basis,
+    shared_pair,
 )
+from rankwise.config import option
 
 
 @dataclass(frozen=True, kw_only=True)
 class VeRAConfig(MethodConfig):
-    """VeRA options (defaults: PEFT ``VeraConfig``).
+    """VeRA options (defaults: PEFT ``VeraConfig``)."""
 
-    Attributes:
-        rank: r, rows of the shared A (may exceed a layer's dimensions).
-        projection_prng_key: seed of the shared random A, B.
-        d_initial: initial value of every entry of d (≤ 0.1 recommended).
-        dropout: dropout probability on the adapter input (training only).
-    """
-
-    rank: int = 256
-    projection_prng_key: int = 0
-    d_initial: float = 0.1
-    dropout: float = 0.0
+    rank: int = option(256, "r, rows of the shared A (may exceed a layer's dimensions)")
+    projection_prng_key: int = option(0, "seed of the shared random A, B")
+    d_initial: float = option(0.1, "initial value of every entry of d (≤ 0.1 recommended)")
+    dropout: float = dropout_option(0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_integer("projection_prng_key", self.projection_prng_key)
         if not isinstance(self.d_initial, int | float) or not math.isfinite(self.d_initial):
             raise ValueError(f"d_initial must be a finite number, got {self.d_initial!r}")
-        check_probability("dropout", self.dropout)
 
 
 def vera_bases(key: int, rank: int, out_max: int, in_max: int, *, dtype: torch.dtype = torch.float32,
@@ -74,28 +66,27 @@ def vera_bases(key: int, rank: int, out_max: int, in_max: int, *, dtype: torch.d
     """The shared (A (r, in_max), B (out_max, r)) for `key`, drawn in fp32 on the CPU, then cast
     to `dtype` / moved to `device`; cached per (key, shapes, dtype, device), read-only."""
 
-    def draw() -> torch.Tensor:
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         gen = generator(key)
         a = torch.empty(rank, in_max).uniform_(-math.sqrt(6 / in_max), math.sqrt(6 / in_max),
                                                generator=gen)
         b = torch.empty(out_max, rank).uniform_(-math.sqrt(6 / rank), math.sqrt(6 / rank),
                                                 generator=gen)
-        # one tensor holding both, so the cache keeps them alive together
-        return torch.cat([a.reshape(-1), b.reshape(-1)]).to(device=device, dtype=dtype)
+        return a, b
 
-    flat = shared_basis(("vera", key, rank, out_max, in_max, dtype, str(device)), draw)
-    n_a = rank * in_max
-    return flat[:n_a].view(rank, in_max), flat[n_a:].view(out_max, rank)
+    return shared_pair(("vera", key, rank, out_max, in_max), ((rank, in_max), (out_max, rank)),
+                       draw, dtype=dtype, device=device)
 
 
 @register_method(
     "vera", summary="VeRA (Kopiczko et al. 2024): trainable scaling vectors around shared random A, B"
 )
-class VeRA(AdapterMethod):
+class VeRA(RegeneratedBases):
     """Trainable scaling vectors d (r,), b (out,) around shared frozen random A, B."""
 
     config_cls = VeRAConfig
     config: VeRAConfig
+    basis_sizes = "basis_shape"
 
     def __init__(self, config: VeRAConfig, geometry: Geometry) -> None:
         super().__init__(config, geometry)
@@ -106,14 +97,10 @@ class VeRA(AdapterMethod):
         self.register_buffer("A", None, persistent=False)  # (r, in) slice of the shared A
         self.register_buffer("B", None, persistent=False)  # (out, r) slice of the shared B
         self.basis_shape: tuple[int, int] | None = None  # (out_max, in_max) of the shared bases
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = self.input_dropout(config.dropout)
 
     def _attach_bases(self, out_max: int, in_max: int) -> None:
-        if out_max < self.out_features or in_max < self.in_features:
-            raise ValueError(
-                f"shared VeRA bases ({out_max}, {in_max}) are smaller than this "
-                f"({self.out_features}, {self.in_features}) layer: the saved adapter is corrupt"
-            )
+        check_bases_fit("VeRA", (out_max, in_max), (self.out_features, self.in_features))
         self.basis_shape = (out_max, in_max)
         like = self.lambda_d
         A, B = vera_bases(self.config.projection_prng_key, self.config.rank, out_max, in_max,
@@ -127,20 +114,6 @@ class VeRA(AdapterMethod):
         with torch.no_grad():
             self.lambda_d.fill_(self.config.d_initial)
             self.lambda_b.zero_()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"basis_shape": list(self.basis_shape or ())}
-
-    @classmethod
-    def from_saved(cls, config: VeRAConfig, geometry: Geometry, extra: dict[str, Any]) -> VeRA:
-        method = cls(config, geometry)
-        method.basis_shape = check_saved_shape(extra, "basis_shape", "vera")  # type: ignore[assignment]
-        return method
-
-    def after_load(self, geometry: Geometry) -> None:
-        """Redraw the shared bases from the key and the saved shape."""
-        assert self.basis_shape is not None
-        self._attach_bases(*self.basis_shape)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = diag(b) B diag(d) A (out, in)."""
