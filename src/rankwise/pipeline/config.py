@@ -40,7 +40,7 @@ _STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "compress": ("model", "ratio", "method", "allocation", "calibration", "n_samples", "seq_len",
                  "seed", "target_modules", "text", "select_tokens", "teacher_samples"),
     "compensate": ("compensation", "compensation_ranks"),
-    "heal": ("heal_method", "heal_minutes", "heal_steps", "heal_lr", "heal_batch_size",
+    "heal": ("heal_method", "heal_minutes", "heal_clock", "heal_steps", "heal_lr", "heal_batch_size",
              "heal_seq_len", "lora_rank", "distill_alpha", "heal_data"),
     "export": ("eval_tokens", "latency"),
 }
@@ -85,7 +85,11 @@ class ShrinkConfig(Config):
         "data-free), mixture (python-docs + fortunes), auto (--text if given, else teacher)",
         choices=HEAL_DATA)
     teacher_samples: int = option(128, "sequences of 256 tokens sampled from the dense model for teacher text")
-    heal_minutes: float = option(15.0, "wall-clock budget of the healing fine-tune in minutes (0 skips)")
+    heal_minutes: float = option(15.0, "budget of the healing fine-tune in minutes (0 skips), on heal_clock")
+    heal_clock: str = option(
+        "wall", "what heal_minutes counts: wall (clock time) or cpu (this process's CPU time: the same "
+        "compute whatever else runs on the machine, for comparing runs on a shared machine)",
+        choices=("wall", "cpu"))
     heal_steps: int | None = option(None, "also stop healing after this many steps (None: time budget only)")
     heal_lr: float | None = option(None, "healing learning rate (None: the method's)")
     heal_batch_size: int = option(4, "healing batch size (sequences)")

@@ -223,9 +223,11 @@ def heal_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]) -> t
         return model, record
     before = copy.deepcopy(model.state_dict())
     budget = c.heal_minutes * 60
+    clock = time.process_time if c.heal_clock == "cpu" else time.perf_counter
+    unit = "CPU-min" if c.heal_clock == "cpu" else "min"
 
     def on_step(step: int, seconds: float, loss: float) -> None:
-        left = f"{seconds / 60:.1f}/{c.heal_minutes:g} min" if budget else f"{step}/{c.heal_steps}"
+        left = f"{seconds / 60:.1f}/{c.heal_minutes:g} {unit}" if budget else f"{step}/{c.heal_steps}"
         ctx.status(f"heal ({c.heal_method}): step {step}, loss {loss:.3f}, {left}", quiet=step % 10 != 0)
 
     batches, loss_fn = _healing_inputs(ctx)
@@ -233,7 +235,8 @@ def heal_stage(ctx: RunContext, model: nn.Module, previous: dict[str, Any]) -> t
     result = heal_(model, ctx.streams[0], method=c.heal_method, minutes=c.heal_minutes, max_steps=c.heal_steps,
                    teacher=ctx.dense if c.heal_method == "distill" else None, lr=c.heal_lr,
                    batch_size=c.heal_batch_size, seq_len=c.heal_seq_len, lora_rank=c.lora_rank,
-                   distill_alpha=c.distill_alpha, seed=c.seed, on_step=on_step, batches=batches, loss_fn=loss_fn)
+                   distill_alpha=c.distill_alpha, seed=c.seed, on_step=on_step, batches=batches, loss_fn=loss_fn,
+                   clock=clock)
     record["training"] = result.to_dict()
     record["data"] = c.healing_source
     ppl = heldout_perplexity(model, ctx.heldout)
