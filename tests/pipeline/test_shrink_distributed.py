@@ -24,7 +24,7 @@ from rankwise.io import load_tensors  # noqa: E402
 
 pytestmark = [pytest.mark.xdist_group("distributed"), pytest.mark.slow]
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-TOL = 1e-5  # float rounding: the 2-process healing gradient is (g0 + g1) / 2, not the 1-process sum
+TOL = 1e-6  # float rounding: the 2-process healing gradient is (g0 + g1) / 2 (measured: 3e-8)
 
 
 @pytest.fixture(scope="module")
@@ -100,5 +100,5 @@ def test_ctrl_c_on_one_rank_stops_both_and_both_resume_from_rank0s_files(two):
     assert runs["interrupted", 1]["writes"] == runs["resumed", 1]["writes"] == []
     assert _files(root / "resume") == _files(root / "full")
     ta, tb = (load_tensors(root / d / "model.safetensors") for d in ("full", "resume"))
-    for k in ta:  # healing restarted from rank 0's compensate model: the uninterrupted result
-        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=TOL, msg=k)
+    assert ta.keys() == tb.keys()  # healing restarted from rank 0's compensate model, which every
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # rank also held uninterrupted: bit-exact
