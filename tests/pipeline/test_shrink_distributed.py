@@ -102,3 +102,18 @@ def test_ctrl_c_on_one_rank_stops_both_and_both_resume_from_rank0s_files(two):
     ta, tb = (load_tensors(root / d / "model.safetensors") for d in ("full", "resume"))
     assert ta.keys() == tb.keys()  # healing restarted from rank 0's compensate model, which every
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # rank also held uninterrupted: bit-exact
+
+
+def test_a_healing_batch_that_does_not_split_is_refused_before_loading(monkeypatch, tmp_path):
+    """On 3 processes a global healing batch of 4 cannot be sharded: refused before the model
+    is even loaded (a missing model directory would otherwise be the error)."""
+    from rankwise.pipeline import shrink
+    from rankwise.train import dist
+
+    monkeypatch.setattr(dist, "init", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match="heal_batch_size=4 does not split evenly over 3 processes"):
+        shrink(str(tmp_path / "absent"), 0.2, out=tmp_path / "o", heal_batch_size=4, heal_steps=2)
+    shrink_ok = dict(heal_batch_size=4, heal_method="none")  # no healing: nothing to split
+    with pytest.raises((FileNotFoundError, ValueError, OSError), match="absent"):
+        shrink(str(tmp_path / "absent"), 0.2, out=tmp_path / "o", **shrink_ok)
