@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from fault_harness import (
+    calib_ids,
     compressed_llama,
     count_ops,
     kill_points,
@@ -270,3 +271,61 @@ def test_kill_squeeze_keeps_old_or_new(tmp_path):
     two = load()
     _check_kills(tmp_path, lambda: squeeze_peft_adapter(src, out, 1), lambda: squeeze_peft_adapter(src, out, 2),
                  load, one, two, points=6)
+
+
+def _streamed(source, out, ratio):
+    from rankwise.compress import compress_streaming
+
+    compress_streaming(source, out, "svd_llm", ratio, calibration=calib_ids(), device="cpu", progress=False)
+
+
+def test_kill_streaming_compression_keeps_old_or_new(tmp_path):
+    """The streaming writer publishes through rankwise.io.publish_dir held open for the whole
+    stream: killed anywhere (while blocks stream, assembling, or publishing), the directory is
+    the old model or the new one, and the next stream leaves no temporary behind."""
+    from rankwise.compress import load_compressed
+
+    source = tmp_path / "src"
+    tiny_llama(0).save_pretrained(source)
+    out = tmp_path / "model"
+    _streamed(source, tmp_path / "ref-a", 0.2)
+    _streamed(source, tmp_path / "ref-b", 0.4)
+    a, b = (load_compressed(tmp_path / f"ref-{x}").state_dict() for x in "ab")
+    _check_kills(tmp_path, lambda: _streamed(source, out, 0.2), lambda: _streamed(source, out, 0.4),
+                 lambda: load_compressed(out).state_dict(), a, b, points=6)
+
+
+def test_streaming_writer_killed_between_its_renames_is_recovered(tmp_path):
+    """SIGKILL right after the old directory is renamed away and before the new one is renamed
+    in: OUT is missing; the next load restores the old model (rankwise.io.recover), and the next
+    stream publishes the new one with nothing left over."""
+    import os
+    import signal
+
+    from rankwise.compress import load_compressed
+
+    source = tmp_path / "src"
+    tiny_llama(0).save_pretrained(source)
+    out = tmp_path / "model"
+    _streamed(source, tmp_path / "ref", 0.4)
+    _streamed(source, out, 0.2)
+    old = load_compressed(out).state_dict()
+    new = load_compressed(tmp_path / "ref").state_dict()
+
+    def killed_after_first_rename():
+        rename = os.rename
+
+        def hooked(src, dst, *args, **kwargs):
+            rename(src, dst, *args, **kwargs)
+            if str(src) == str(out):  # the old copy is away, the new one not yet in
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        os.rename = hooked
+        _streamed(source, out, 0.4)
+
+    assert run_killed(killed_after_first_rename, 0) == "killed"
+    assert not out.exists() and leftovers(tmp_path) != []
+    assert same_state(load_compressed(out).state_dict(), old)  # recovered on load
+    assert leftovers(tmp_path) == []
+    _streamed(source, out, 0.4)
+    assert same_state(load_compressed(out).state_dict(), new) and leftovers(tmp_path) == []

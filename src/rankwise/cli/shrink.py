@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cli", True)}
     result = shrink(args.model, out=args.out, resume=args.resume, progress=not args.no_progress,
                     stop_after=args.stop_after, keep_stages=args.keep_stages, **settings)
+    from rankwise.train.dist import is_main
+
+    if not is_main():  # under torchrun rank 0 prints (every rank returns the same result)
+        return 0
     if args.json:
         print(json.dumps(result.stages, indent=2, default=str))
     else:

@@ -1,15 +1,19 @@
 """The output directory of streaming compression (the `save_compressed` format, written piece
 by piece): per-block safetensors files while blocks stream, then one model.safetensors
-assembled tensor by tensor, config / tokenizer files and the marker written last, and the
-directory published by renaming a temporary sibling (atomic: readers never see a half-written
-model).
+assembled tensor by tensor, config / tokenizer files and the marker written last.
+
+The directory is published by rankwise.io.publish_dir, the one publisher of the codebase, held
+open for the whole stream: its temporary sibling is where the blocks land, and leaving it
+publishes (verify the marker's files, rename an old copy away, rename the new one in, delete
+the old one) or, on `abort`, deletes the temporary. A writer killed at any point leaves the old
+directory or the new one; one killed between the two renames is restored by the next publish,
+load (`rankwise.io.recover`) or stream into the same directory.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,19 +30,26 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "added_tokens.json")
 
 
+class _Aborted(Exception):
+    """Thrown into the open publish_dir by `Output.abort`: publish nothing, delete the temporary."""
+
+
 class Output:
     """A compressed-model directory built in a temporary sibling and published by rename."""
 
     def __init__(self, out: str | os.PathLike[str]) -> None:
         from rankwise.compress.saving import is_compressed_dir
+        from rankwise.io import publish_dir
 
         self.out = Path(out)
         if self.out.exists() and not (self.out.is_dir() and (is_compressed_dir(self.out)
                                                              or not any(self.out.iterdir()))):
             raise FileExistsError(f"{self.out} exists and is not a compressed model directory: "
                                   "choose a new output directory")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        # merge=False: a new stream replaces the whole directory, as it always did
+        self._publish = publish_dir(self.out, merge=False, verify=_verify)
+        self.tmp: Path = self._publish.__enter__()
+        self._open = True
         self.blocks = self.tmp / ".blocks"
         self.blocks.mkdir()
         self.specs: dict[str, dict[str, Any]] = {}
@@ -59,7 +70,7 @@ class Output:
         from rankwise import __version__
         from rankwise.compress import hf_guard
         from rankwise.compress.saving import FORMAT, MARKER, WEIGHTS
-        from rankwise.io import default_mode, digest_files, write_json, write_text
+        from rankwise.io import digest_files, write_json, write_text
 
         pieces = ModelFiles(self.blocks)
         entries: dict[str, Any] = {}
@@ -88,18 +99,24 @@ class Output:
             "report": report.to_dict() if hasattr(report, "to_dict") else report,
             "files": digest_files(self.tmp),  # checksums, verified on load as for save_compressed
         })
-        os.chmod(self.tmp, default_mode(directory=True))
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self._open = False
+        self._publish.__exit__(None, None, None)  # verify, rename old away, new in, delete old
         return self.out
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Publish nothing: the temporary is deleted, an existing directory stays as it was."""
+        if self._open:
+            self._open = False
+            error = _Aborted()
+            self._publish.__exit__(_Aborted, error, None)
+
+
+def _verify(tmp: Path) -> None:
+    """Every file the marker vouches for is there with its recorded size (as save_compressed)."""
+    from rankwise.compress.saving import MARKER
+    from rankwise.io import read_json, verify_files
+
+    verify_files(tmp, read_json(tmp / MARKER)["files"], marker=MARKER, full=False)
 
 
 def _dtype_of(files: ModelFiles, key: str) -> torch.dtype:

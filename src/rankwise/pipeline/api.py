@@ -4,6 +4,12 @@
     result = shrink("smollm2-135m", ratio=0.2, out="out/smol-20", heal_minutes=15)
     print(result.summary())
     model = rankwise.load_model("out/smol-20")      # factorised, reduced, generates
+
+Under ``torchrun`` (docs/distributed.md) every rank runs every stage on its own copy (they are
+deterministic: no rank waits minutes at a collective), and rank 0 alone writes: the stage
+models, state.json, the export and the report, between barriers. After each stage every rank
+takes rank 0's record, and the ranks other than 0 load the model rank 0 saved, so the replicas
+that heal (data-parallel, `heal_`) and the model every rank returns are rank 0's.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 from rankwise.pipeline.config import STAGES, ShrinkConfig
 from rankwise.pipeline.state import PipelineInterrupted, PipelineState
+from rankwise.train import dist
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +142,7 @@ def shrink(
                           heal_method=heal_method, heal_data=heal_data, heal_minutes=heal_minutes, **options)
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {list(STAGES)}, got {stop_after!r}")
+    _check_processes(config)
     out, t_start = Path(out), time.perf_counter()
     dense, tokenizer, name = _load(model_or_name, tokenizer)
     config = config if config.model else config.replace(model=name)  # named after the loaded model
@@ -148,6 +156,14 @@ def shrink(
         state.clean_models()
     return ShrinkResult(out, stages, config.to_dict(), list(state.reused),
                         model if model is not None else _load_stage(out))
+
+
+def _check_processes(config: ShrinkConfig) -> None:
+    """Join the launcher's process group; refuse a healing batch that does not split over it."""
+    n = dist.world_size() if dist.init() else 1
+    if config.heals and config.heal_batch_size % n:
+        raise ValueError(f"heal_batch_size={config.heal_batch_size} does not split evenly over {n} processes "
+                         f"(the healing batch is global): choose a multiple of {n}")
 
 
 class _Run:
@@ -166,7 +182,7 @@ class _Run:
         """Show `msg` on the progress bar (and log it when the bar is hidden)."""
         if self.bar is not None:
             self.bar.set_postfix_str(msg, refresh=True)
-        if not self.progress and not quiet:
+        if not self.progress and not quiet and dist.is_main():
             logger.info("shrink %s: %s", self.config.model, msg)
 
     def stages(self, resume: bool, stop_after: str | None
@@ -175,7 +191,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         state = PipelineState(self.out, self.config, resume=resume)
-        self.bar = tqdm(total=len(STAGES), disable=not self.progress, desc="shrink", dynamic_ncols=True,
+        self.bar = tqdm(total=len(STAGES), disable=not self.progress or not dist.is_main(), desc="shrink", dynamic_ncols=True,
                         bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed} {postfix}")
         try:
             stages: dict[str, dict[str, Any]] = {"dense": _dense_record(self.ctx, state)}
@@ -228,6 +244,7 @@ def _dense_record(ctx: Any, state: PipelineState) -> dict[str, Any]:
            "domains": ctx.domain_perplexities(ctx.dense, test_ppl),
            "params_targets": target_params(ctx.dense, ctx.targets), "ratio_targets": 0.0,
            "params_model": count_parameters(ctx.dense), "ratio_model": 0.0, "seconds": 0.0}
+    rec = dist.from_rank0_json(rec)  # every rank reports rank 0's numbers
     state.set_extra("dense", rec)
     ctx._cache[key] = rec
     return rec
@@ -245,16 +262,43 @@ def _run_stage(stage: str, ctx: Any, model: nn.Module | None, stages: dict[str, 
     elif stage == "heal":
         model, record = st.heal_stage(ctx, model, stages["compensate"])
     else:
-        model, record = _export(ctx, model, stages, out, t_start)
+        model, record = _export_on_rank0(ctx, model, stages, out, t_start)
         state.record(stage, record, has_model=False)
         return model, record
+    record = dist.from_rank0_json(record)  # rank 0's decisions and numbers on every rank
     if not record.get("changed", True):  # same weights as the previous stage: nothing to save
         state.record(stage, record, has_model=False)
-        return model, record
+        return _same_as_rank0(model, stage), record
     ctx.status(f"saving {stage}")
-    save_compressed(model, state.model_dir(stage))
+    dist.on_rank0(lambda: save_compressed(model, state.model_dir(stage)))
     state.record(stage, record, has_model=True)
-    return model, record
+    return (model if dist.is_main() else _load_stage(state.model_dir(stage))), record
+
+
+def _same_as_rank0(model: nn.Module, stage: str) -> nn.Module:
+    """An unchanged stage's model, made rank 0's on every rank (parameters broadcast).
+
+    The ranks ran the same deterministic stage on the same model; a rank whose model now has
+    another structure than rank 0's computed differently, which is refused rather than hidden.
+    """
+    if not dist.active():
+        return model
+    layout = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    if dist.any_across(dist.from_rank0_json(layout) != layout):
+        raise RuntimeError(f"after stage {stage!r} the processes hold models of different structure (the stage "
+                           "computed differently on some rank): rerun with --resume, or on one process")
+    dist.broadcast_parameters(model)
+    return model
+
+
+def _export_on_rank0(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,
+                     t_start: float) -> tuple[nn.Module, dict[str, Any]]:
+    """`_export` on rank 0 alone (the other ranks wait, then load what it published)."""
+    if not dist.active():
+        return _export(ctx, model, stages, out, t_start)
+    done = dist.on_rank0(lambda: _export(ctx, model, stages, out, t_start))
+    record = dist.from_rank0_json(done[1] if done is not None else None)
+    return (done[0] if done is not None else _load_stage(out)), record
 
 
 def _export(ctx: Any, model: nn.Module, stages: dict[str, Any], out: Path,

@@ -275,6 +275,7 @@ def heal_(
     for p in model.parameters():
         p.requires_grad_(False)
     spec.prepare(model, lora_rank, seed)
+    dist.broadcast_parameters(model)  # replicas start equal, whatever each process loaded
     params = [p for p in model.parameters() if p.requires_grad]
     result = HealResult(method=entry.name, lr=lr, trainable=sum(p.numel() for p in params))
     budget = minutes * 60 if minutes > 0 else float("inf")

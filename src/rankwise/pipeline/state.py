@@ -9,6 +9,11 @@ A stage's model directory is written first (its `rankwise_compression.json` mark
 its record is added to state.json with one atomic rename: a run killed at any point leaves
 either a finished stage (record + complete directory) or none. A resumed run reuses the longest
 prefix of finished stages whose settings (`ShrinkConfig.stage_fingerprint`) still match.
+
+Under ``torchrun`` every rank holds a PipelineState and makes the same calls in the same order;
+rank 0 alone touches the files (recovery, removal, state.json, between barriers:
+`rankwise.train.dist.on_rank0`), and every rank reads the state rank 0 left, so all resume from
+the same stage.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from rankwise.io import remove_dir
 from rankwise.pipeline.config import STAGES, ShrinkConfig
+from rankwise.train import dist
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +51,15 @@ class PipelineState:
         self.stages: dict[str, dict[str, Any]] = {}
         self.extra: dict[str, Any] = {}
         self.reused: list[str] = []
-        recover(self.out)  # an export killed between its renames moved this state away with it
-        recover_all(self.root)  # stage directories a killed save left half-published
+
+        def tidy() -> None:
+            recover(self.out)  # an export killed between its renames moved this state away with it
+            recover_all(self.root)  # stage directories a killed save left half-published
+            if not resume:
+                remove_dir(self.root)  # renamed away first: no half-deleted state is ever read
+
+        dist.on_rank0(tidy)  # one process repairs; the others read after the barrier
         if not resume:
-            remove_dir(self.root)  # renamed away first: no half-deleted state is ever read
             return
         if not self.path.is_file():
             logger.info("no pipeline state in %s: starting from the first stage", self.out)
@@ -89,8 +100,9 @@ class PipelineState:
     def _write(self) -> None:
         from rankwise.io import write_json
 
-        write_json(self.path, {"format": _FORMAT, "config": self.config.to_dict(), "stages": self.stages,
-                               "extra": {"fingerprint": self._extra_fingerprint(), "values": self.extra}})
+        data = {"format": _FORMAT, "config": self.config.to_dict(), "stages": self.stages,
+                "extra": {"fingerprint": self._extra_fingerprint(), "values": self.extra}}
+        dist.on_rank0(lambda: write_json(self.path, data))  # rank 0 writes; the others wait
 
     def model_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -114,10 +126,8 @@ class PipelineState:
 
     def clean_models(self) -> None:
         """Remove the stage model directories (after export); the records stay."""
+        dist.on_rank0(lambda: [remove_dir(self.model_dir(stage)) for stage in STAGES])
         for stage in STAGES:
-            d = self.model_dir(stage)
-            if d.is_dir():
-                remove_dir(d)
             if stage in self.stages:
                 self.stages[stage]["has_model"] = False
         self._write()

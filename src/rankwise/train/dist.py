@@ -26,6 +26,7 @@ construction. The sum is the same; only the overlap with backward is given up.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "broadcast_parameters",
+    "from_rank0_json",
     "init",
     "is_main",
     "mean_across",
@@ -204,3 +206,24 @@ def from_rank0(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
     _dist().broadcast(t, src=0)
     return float(t.item())
+
+
+def from_rank0_json(value: T) -> T:
+    """Rank 0's `value` (anything JSON can write) on every rank, rank 0 included.
+
+    Sent as UTF-8 JSON text (never pickled), so every rank, rank 0 too, gets the same decoded
+    value (tuples come back as lists, as they do from a JSON file). Without a process group the
+    value is returned as it is.
+    """
+    if not active():
+        return value
+    from rankwise.io import _json_default
+
+    device = _device()
+    payload = json.dumps(value, default=_json_default).encode() if is_main() else b""
+    size = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    _dist().broadcast(size, src=0)
+    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if is_main()
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    _dist().broadcast(buf, src=0)
+    return json.loads(buf.cpu().numpy().tobytes().decode())
