@@ -102,7 +102,8 @@ def summarise(model: Path, out: Path, args: argparse.Namespace, measured: dict) 
         "params_after": report["params_model_after"],
         "params_after_reloaded": n_after,
         "ratio_model": 1 - report["params_model_after"] / report["params_model_before"],
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with ~7 other jobs, "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the "
+                   "end: other jobs shared them), "
                    f"{args.threads} torch thread(s); times are indicative only",
     }
 
@@ -137,6 +138,23 @@ one decoder block at a time from its bf16 safetensors shards on {result['device'
 Peak RSS is `ru_maxrss` of a child process that only compresses: the Python runtime, torch and
 transformers (~0.4 GiB) are included. {result['machine']}.
 """
+    for name, run in result.get("extra_runs", {}).items():
+        md += f"""
+## {name}
+
+`compress_streaming("{run['method']}", ratio={run['ratio']})` on a {run['shapes']['num_hidden_layers']}-block model of
+the same shapes ({run['params'] / 1e9:.2f} B parameters; memory does not depend on the number of blocks,
+one block is resident at a time), {run['calibration']['sequences']} x {run['calibration']['seq_len']} random tokens.
+
+| measure | value |
+|---|---|
+| peak RSS of the compressing process | {run['peak_rss_bytes'] / gib:.2f} GiB |
+| **peak RSS / fp32 size of the {result['params'] / 1e9:.2f} B model above** | **{run['peak_rss_over_main_model_fp32']:.3f}** (goal <= 0.35) |
+| time per block (mean) | {run['seconds_per_block_mean']:.1f} s |
+| parameters after (report / reloaded) | {run['params_after']:,} / {run['params_after_reloaded']:,} |
+
+{run['machine']}.
+"""
     notes = RESULTS / "scale_notes.md"  # hand-written context (other runs), appended when present
     (RESULTS / "scale.md").write_text(md + ("\n" + notes.read_text() if notes.is_file() else ""))
 
@@ -154,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rewrite", action="store_true", help="rewrite scale.md from scale.json")
+    p.add_argument("--extra", default=None, metavar="NAME",
+                   help="keep the top-level (main, >= 1B) run and record this one under extra_runs[NAME], "
+                        "its peak also over the main model's fp32 size (e.g. a solve measured on a model with "
+                        "fewer blocks of the same shapes: one block is resident at a time)")
     args = p.parse_args(argv)
     if args.child:
         child(args)
@@ -174,8 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the compressing process failed (exit {proc.returncode})")
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
         result = summarise(args.model, out, args, measured)
+    if args.extra:
+        main_run = json.loads((RESULTS / "scale.json").read_text())
+        result["peak_rss_over_main_model_fp32"] = result["peak_rss_bytes"] / main_run["model_fp32_bytes"]
+        main_run.setdefault("extra_runs", {})[args.extra] = result
+        result = main_run
     write(result)
     print(json.dumps({k: result[k] for k in ("params", "peak_rss_over_model_fp32", "seconds_per_block_mean")}))
+    if args.extra:
+        print(json.dumps({k: v for k, v in result["extra_runs"][args.extra].items() if "peak" in k}))
     return 0
 
 

@@ -182,3 +182,26 @@ def test_cholesky_whitening_keeps_the_gram_and_never_forms_the_inverse():
     root = S[:4].sqrt()
     torch.testing.assert_close(B, U[:, :4] * root, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(A, (Vh[:4] * root[:, None]) @ inverse_lower(L), atol=1e-9, rtol=1e-9)
+
+
+def test_release_grams_drops_a_shared_gram_once_factored_and_keeps_the_factors():
+    """Streaming's memory mode: q/k/v share one Gram; it is released as soon as its whitening
+    exists, and every sibling's factors equal those of the default (cached Gram) mode."""
+    x = _inputs(16, 80)
+    layers = {name: _layer(10, 16, seed=i) for i, name in enumerate("qkv")}
+    results = {}
+    for release in (False, True):
+        c = WhitenedSVD(SVDConfig(whitener="cholesky"))
+        c.release_grams = release
+        gram = (x.mT @ x)
+        for name in layers:  # one shared Gram object, as the calibration hooks hand it over
+            c.observe_stats(name, InputStats(gram=gram, n_tokens=len(x)))
+        del gram
+        results[release] = {name: c.factors(name, layer, 3) for name, layer in layers.items()}
+        if release:
+            assert all(c.stats_[name].gram is None for name in layers)
+        else:
+            assert all(c.stats_[name].gram is not None for name in layers)
+    for name in layers:
+        for a, b in zip(results[False][name], results[True][name], strict=True):
+            assert torch.equal(a, b)

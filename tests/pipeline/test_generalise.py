@@ -98,3 +98,18 @@ def test_data_free_shrink_reports_every_domain_as_held_out(tmp_path, monkeypatch
     assert exp["fused_groups"] == 4  # q/k/v and gate/up in each of the two blocks
     report = (out / "report.md").read_text()
     assert "worst held-out domain" in report and "## Generations" in report
+
+
+def test_default_healing_reads_the_mixture_unless_the_user_gives_text():
+    """heal_data="auto" (the default): the user's text when given, else the python-docs +
+    fortunes mixture, and the report marks what healing read accordingly."""
+    from rankwise.pipeline.config import ShrinkConfig
+    from rankwise.pipeline.distill import MIXTURE, domains_of
+
+    default = ShrinkConfig()
+    assert default.heal_data == "auto" and default.heal_method == "lowrank"
+    assert default.healing_source == "mixture"
+    assert sorted(domains_of(default.healing_source, None)) == sorted(MIXTURE)
+    given = ShrinkConfig(text="notes.txt")
+    assert given.healing_source == "text"
+    assert ShrinkConfig(heal_data="teacher", text="notes.txt").healing_source == "teacher"

@@ -265,6 +265,8 @@ def compress_streaming(
     s = _Session(source, cfg, calibration, tokenizer, device, dtype)
     inner = _scoped_ratio(cfg.ratio, cfg.scope, s.model, s.targets)
     compressor = build_compressor(preset.name, damping=preset.damping)
+    if preset.update == "none" and hasattr(compressor, "release_grams"):
+        compressor.release_grams = True  # one block's Grams die with their whitening
     needs = tuple(compressor.needs) + (("gram",) if cfg.compensation_rank and "gram" not in compressor.needs else ())
     if preset.allocation == "uniform":
         specs = layer_specs(compressor, s.targets, "uniform")

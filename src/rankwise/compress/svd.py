@@ -251,7 +251,11 @@ class WhitenedSVD(ObservedStats):
         self.stats_: dict[str, InputStats] = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Whitening]] = {}
         self._shared: dict[int, tuple[torch.Tensor, Whitening]] = {}  # id(gram) -> whitening
+        self._siblings: dict[str, Whitening] = {}  # fqn -> whitening of a released shared Gram
         self.cache = cache
+        # Streaming compression sets this: a Gram is dropped as soon as its whitening exists
+        # (the largest, n = 5632 for a 1B Llama's down_proj, is 254 MB in fp64).
+        self.release_grams = False
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -262,11 +266,13 @@ class WhitenedSVD(ObservedStats):
         super().forget(fqn)
         if fqn is None:
             self._shared.clear()
+            self._siblings.clear()
 
     def release(self, fqn: str) -> None:
         """Drop everything held for `fqn` (statistics, SVD, and its Gram's whitening once no
         other observed layer shares that Gram): streaming frees each layer as it is done."""
         super().release(fqn)
+        self._siblings.pop(fqn, None)
         live = {id(s.gram) for s in self.stats_.values() if s.gram is not None}
         for key in [k for k in self._shared if k not in live]:
             del self._shared[key]
@@ -280,12 +286,21 @@ class WhitenedSVD(ObservedStats):
         stats = self.stats_.get(fqn)
         gram = stats.gram if stats is not None and self.config.whitener in ("cholesky", "eigh") else None
         hit = self._shared.get(id(gram)) if gram is not None else None
-        if hit is not None and hit[0] is gram:  # q/k/v (gate/up) share one Gram: factor it once
+        if fqn in self._siblings:  # a sibling's whitening of the Gram they shared, now released
+            wh = self._siblings.pop(fqn)
+        elif hit is not None and hit[0] is gram:  # q/k/v (gate/up) share one Gram: factor it once
             wh = hit[1]
         else:
             wh = build_whitening(self.config, stats, weight.detach())
-            if gram is not None:
+            if gram is not None and self.release_grams:
+                for other, st in self.stats_.items():
+                    if st.gram is gram:
+                        st.gram = None
+                        if other != fqn:
+                            self._siblings[other] = wh
+            elif gram is not None:
                 self._shared[id(gram)] = (gram, wh)
+        del gram
         entry = (*whitened_svd(weight.detach(), wh), wh)
         if self.cache:
             self._cache[fqn] = entry

@@ -83,7 +83,7 @@ def shrink(
     out: str | Path,
     heal_minutes: float = 15.0,
     heal_method: str = "lowrank",
-    heal_data: str = "text",
+    heal_data: str = "auto",
     calibration: Any = "mixture",
     text: Any = None,
     tokenizer: Any = None,
@@ -105,12 +105,13 @@ def shrink(
         ratio: fraction of the targeted layers' parameters to remove, in (0, 1).
         out: output directory; `rankwise.load_model(out)` reloads the result in one call.
         heal_minutes: wall-clock budget of the healing fine-tune (0 skips healing).
-        heal_method: "lowrank" (the factors on the causal-LM loss, WeLore-style; the default
-            measured in domain), "distill" (the factors trained against the dense model: logit KL
+        heal_method: "lowrank" (the factors on the causal-LM loss, WeLore-style; the default:
+            measured best both in domain and, on the mixture, on the held-out domain), "distill" (the factors trained against the dense model: logit KL
             + PELA block-feature MSE), "lora" (LoRA on the factors, merged into them) or "none".
-        heal_data: what healing reads: "text" (default: `text`, or python-docs), "teacher" (text
-            sampled from the dense model, LLM-QAT's data-free recipe), "mixture" (python-docs +
-            fortunes), or "auto" (`text` when given, else "teacher").
+        heal_data: what healing reads: "auto" (default: `text` when given, else "mixture"),
+            "text" (`text`, or python-docs), "mixture" (python-docs + fortunes windows: at equal
+            compute it kept the held-out domain best, benchmarks/results/pipeline_generalise.md)
+            or "teacher" (text sampled from the dense model, LLM-QAT's data-free recipe).
         calibration: calibration text for compression: "mixture" (default: python-docs and
             fortunes windows in equal shares, measured best on held-out domains), "teacher", a
             corpus name, a text source or input_ids; None = python-docs.
