@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from rankwise.linalg import all_finite
+
 __all__ = ["check_compressible", "check_savable", "compress_targets", "guarded"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -126,7 +128,7 @@ def compress_targets(model: nn.Module, target_modules: str | Sequence[str] | Non
 
 def check_finite(targets: dict[str, nn.Module]) -> None:
     """Refuse NaN/inf in any target weight before any layer is replaced."""
-    bad = [n for n, m in targets.items() if not torch.isfinite(m.weight).all()]
+    bad = [n for n, m in targets.items() if not all_finite(m.weight)]
     if bad:
         raise ValueError(f"the weights of {bad[:5]} hold NaN/inf: the model is corrupt; reload it before compressing")
 

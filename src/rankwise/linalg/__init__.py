@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rankwise.linalg._checks import compute_dtype, validate_rank
+from rankwise.linalg._checks import all_finite, compute_dtype, validate_rank
 from rankwise.linalg.bases import dct_basis, random_orthonormal, select_aligned_columns
 from rankwise.linalg.complete import complete, observed_values, sparse_top_singular_vectors
 from rankwise.linalg.lu import lu
@@ -65,6 +65,7 @@ from rankwise.linalg.whiten import (
 )
 
 __all__ = [
+    "all_finite",
     "complete",
     "compute_dtype",
     "kaiming_uniform",

@@ -57,9 +57,25 @@ def validate_matrix(
     return A
 
 
+def all_finite(A: torch.Tensor, rows: int = 256) -> bool:
+    """Whether every entry of `A` is finite, without a full-size temporary.
+
+    `torch.isfinite(A)` materialises |A| and two boolean masks of A's size (about 1.3x an fp64
+    Gram: 330 MB for n = 5632, the peak of streaming SVD-LLM). A NaN or Inf makes the fp64 sum
+    non-finite, so a finite sum proves the matrix finite in one reduction; only a sum that is not
+    finite (a NaN/Inf, or a real overflow) is checked exactly, `rows` rows at a time.
+    """
+    if A.numel() == 0:
+        return True
+    if bool(torch.isfinite(A.sum(dtype=torch.float64))):
+        return True
+    flat = A.reshape(-1, A.shape[-1]) if A.dim() > 1 else A.reshape(1, -1)
+    return all(bool(torch.isfinite(flat[i:i + rows]).all()) for i in range(0, flat.shape[0], rows))
+
+
 def raise_if_nonfinite(A: torch.Tensor, name: str = "A") -> None:
     """Raise ValueError when `A` holds NaN or Inf (the usual cause: a diverged upstream loss)."""
-    if not bool(torch.isfinite(A).all()):
+    if not all_finite(A):
         n_nan = int(torch.isnan(A).sum())
         n_inf = int(torch.isinf(A).sum())
         raise ValueError(
