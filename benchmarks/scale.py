@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_rss_over_main_model_fp32"] = result["peak_rss_bytes"] / main_run["model_fp32_bytes"]
         main_run.setdefault("extra_runs", {})[args.extra] = result
         result = main_run
+    elif (RESULTS / "scale.json").is_file():  # a new main run keeps the recorded extra runs
+        result["extra_runs"] = json.loads((RESULTS / "scale.json").read_text()).get("extra_runs", {})
     write(result)
     print(json.dumps({k: result[k] for k in ("params", "peak_rss_over_model_fp32", "seconds_per_block_mean")}))
     if args.extra:
