@@ -108,17 +108,20 @@ def summarise(model: Path, out: Path, args: argparse.Namespace, measured: dict) 
     }
 
 
+def _what(run: dict) -> str:
+    if run["method"] in ("int8", "int4"):
+        return (f"`compensate_streaming(base=\"{run['method']}\", rank=0)` (every layer's fp64 Gram "
+                "accumulated, weights quantised)")
+    return f"`compress_streaming(\"{run['method']}\", ratio={run['ratio']})`"
+
+
 def write(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     gib = 2**30
     blocks = result["seconds_per_block"]
-    if result["method"] in ("int8", "int4"):
-        what = (f"`compensate_streaming(base=\"{result['method']}\", rank=0)`: every layer's fp64 input "
-                "Gram accumulated on the propagated hidden states, weights quantised, each block "
-                "written, `model.safetensors` assembled and reloaded with `rankwise.load_model`")
-    else:
-        what = f"`compress_streaming(\"{result['method']}\", ratio={result['ratio']})`"
+    what = (_what(result) + ": each block calibrated on the propagated hidden states and written, "
+            "`model.safetensors` assembled and reloaded with `rankwise.load_model`")
     md = f"""# Streaming compression at scale
 
 Synthetic TinyLlama-shaped model (random weights, `scripts/make_synthetic_llama.py`), streamed
@@ -142,7 +145,7 @@ transformers (~0.4 GiB) are included. {result['machine']}.
         md += f"""
 ## {name}
 
-`compress_streaming("{run['method']}", ratio={run['ratio']})` on a {run['shapes']['num_hidden_layers']}-block model of
+{_what(run)} on a {run['shapes']['num_hidden_layers']}-block model of
 the same shapes ({run['params'] / 1e9:.2f} B parameters; memory does not depend on the number of blocks,
 one block is resident at a time), {run['calibration']['sequences']} x {run['calibration']['seq_len']} random tokens.
 
