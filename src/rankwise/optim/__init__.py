@@ -2,7 +2,7 @@
 
 One optimizer class (`LowRankOptimizer`) over ordinary param groups, one projector
 abstraction (`Projector`: svd / randomized / dct / random / random_orthogonal / randperm /
-identity,
+randk / identity,
 optionally int8/int4-quantised with lazy refresh), pure update rules (`functional`), and
 layer-wise updates during backward (`LayerwiseUpdates`). Named methods are presets, registered
 on ``rankwise.registry.registry("optimizer")`` (`PRESETS` and `available` are views of it):
@@ -33,6 +33,7 @@ from rankwise.optim.projector import (
     DCTProjector,
     IdentityProjector,
     Projector,
+    RandKProjector,
     RandomizedSVDProjector,
     RandomOrthogonalProjector,
     RandomProjector,
@@ -63,6 +64,7 @@ __all__ = [
     "Preset",
     "Projector",
     "QuantizedProjector",
+    "RandKProjector",
     "RandomOrthogonalProjector",
     "RandPermProjector",
     "RandomProjector",

@@ -100,7 +100,8 @@ for _p in (
            {"lr": 1e-3, "eps": 1e-8, "adam_style": "torch"},
            "FRUGAL (Zmushko et al. 2024, Algorithm 1): Adam in a subspace (reset on refresh), "
            "signSGD on the rest. Subspace: projector='svd' (default), 'random_orthogonal' "
-           "(random), 'randperm' (random columns/rows: the coordinate variant), or "
+           "(random), 'randperm' (random columns/rows: the coordinate variant), 'randk' (K random "
+           "entries, FRUGAL's RandK; K = rank x max(m, n)), or "
            "block_order='random'|'ascending'|'descending'|'mirror' (block-wise: whole "
            "matrices, its main pretraining setting). Density rank_fraction / block_density 0.25; "
            "proj_lr_scale multiplies the lr of the projected part."),

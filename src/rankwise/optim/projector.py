@@ -19,7 +19,8 @@ QR and DCT) and cast to the gradient's dtype.
 Implementations (registry names): ``svd`` (exact) and ``randomized`` (randomized SVD) in
 projector_svd.py; ``dct`` (SVD-free column selection from a cached DCT basis: stores only r
 int32 indices), ``random`` (Gaussian N(0, 1/r), APOLLO: stores only a seed),
-``random_orthogonal``, ``randperm`` (r random coordinates, FRUGAL) and ``identity``
+``random_orthogonal``, ``randperm`` (r random columns/rows, FRUGAL), ``randk`` (K random
+entries, FRUGAL's RandK) and ``identity``
 (rank = min(m, n); the parity baseline) in projector_fixed.py. `QuantizedProjector`
 (projector_q.py) wraps any dense one with int8/int4 storage and Q-GaLore's lazy refresh.
 """
@@ -302,6 +303,7 @@ def _register_builtin() -> None:
         projector_fixed.RandomProjector,
         projector_fixed.RandomOrthogonalProjector,
         projector_fixed.RandPermProjector,
+        projector_fixed.RandKProjector,
         projector_fixed.IdentityProjector,
     ):
         register_projector(cls)
@@ -312,6 +314,7 @@ _register_builtin()
 from rankwise.optim.projector_fixed import (  # noqa: E402  (re-exported: the public names)
     DCTProjector,
     IdentityProjector,
+    RandKProjector,
     RandomOrthogonalProjector,
     RandomProjector,
     RandPermProjector,
@@ -324,6 +327,7 @@ __all__ = [
     "DCTProjector",
     "IdentityProjector",
     "Projector",
+    "RandKProjector",
     "RandPermProjector",
     "RandomOrthogonalProjector",
     "RandomProjector",
