@@ -44,6 +44,7 @@ from rankwise.optim.projector import (
     resolve_side,
 )
 from rankwise.optim.projector_q import QuantizedProjector
+from rankwise.optim.qweight import QuantizedWeightLinear, quantize_weights_
 
 
 def available() -> list[str]:
@@ -64,6 +65,7 @@ __all__ = [
     "Preset",
     "Projector",
     "QuantizedProjector",
+    "QuantizedWeightLinear",
     "RandKProjector",
     "RandomOrthogonalProjector",
     "RandPermProjector",
@@ -76,6 +78,7 @@ __all__ = [
     "make_projector",
     "merge_weight_norm",
     "param_groups",
+    "quantize_weights_",
     "register_preset",
     "register_projector",
     "resolve_side",

@@ -10,7 +10,8 @@ For a projected (m, n) weight at step t (0-based, before the step), in the state
 
 The weight is written once per step by in-place ops (``addcmul_``, one ``addmm_`` GEMM for the
 low-rank part: no (m, n) temporary), or, with ``stochastic_rounding`` on a bf16 weight, into
-an fp32 copy rounded back stochastically (`precision.round_stochastic_`).
+an fp32 copy rounded back stochastically (`precision.round_stochastic_`); a Q-GaLore quantised
+weight (qweight.py) is always updated through a dequantised fp32 copy and re-quantised.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from rankwise.optim import distributed as dist_
-from rankwise.optim import full_gradient, qstate
+from rankwise.optim import full_gradient, qstate, qweight
 from rankwise.optim import functional as ofn
 from rankwise.optim.groups import state_dtype
 from rankwise.optim.precision import round_stochastic_
@@ -39,15 +40,25 @@ def init_counters(state: dict[str, Any]) -> None:
 
 
 def _target(w: torch.Tensor, group: dict) -> torch.Tensor:
-    """What the update writes into: `w`, or an fp32 copy to round back stochastically."""
+    """What the update writes into: `w`, or an fp32 copy to round back stochastically (a bf16
+    weight with ``stochastic_rounding``; a quantised weight's proxy, qweight.py: always)."""
+    store = qweight.store_of(w)
+    if store is not None:
+        return store.dequantize(torch.float32)
     if group["stochastic_rounding"] and w.dtype == torch.bfloat16:
         return w.float()
     return w
 
 
 def _commit(w: torch.Tensor, target: torch.Tensor, state: dict, seed: int) -> None:
-    if target is not w:
-        round_stochastic_(w, target, seed * 1_000_003 + int(state["step"]))
+    if target is w:
+        return
+    seed = seed * 1_000_003 + int(state["step"])
+    store = qweight.store_of(w)
+    if store is not None:  # Q-GaLore: W + dW back to int8/int4 by stochastic rounding
+        store.requantize_(target, seed)
+    else:
+        round_stochastic_(w, target, seed)
 
 
 def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, seed: int) -> None:
