@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rankwise.optim import distributed as dist_
-from rankwise.optim import full_gradient, qstate, qweight
+from rankwise.optim import full_gradient, qstate, qstate_fused, qweight
 from rankwise.optim import functional as ofn
 from rankwise.optim.groups import state_dtype
 from rankwise.optim.precision import round_stochastic_
@@ -78,8 +78,15 @@ def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, s
     state["step"] += 1
     state["moment_step"] += 1
     k = int(state["moment_step"])
-    m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     target = _target(w, group)
+    if bits == 8 and target is w and (style == "torch" or not wd):
+        upd = qstate_fused.adam_update(state, g, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       k=k, alpha=-lr / (1.0 - beta1**k), style=style)
+        if upd is not None:  # one compiled pass over codes, scales and G
+            ofn.decoupled_decay_(w, lr, wd)
+            w.add_(upd.to(w.dtype))
+            return
+    m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     if _fusable(w, g, m, target, group):
         _fused_adamw(w, g.to(m.dtype), m, v, k, group)
         qstate.write(state, "exp_avg", m)
@@ -185,9 +192,15 @@ def adam_delta(g: torch.Tensor, low: torch.Tensor, proj: Projector, group: dict,
     ``W += alpha * full * mult + up(low_term)`` (None terms left out; `mult` broadcasts:
     a per-channel or 0-d scale, so that the product is never formed)."""
     beta1, beta2 = group["betas"]
+    scale = group["scale"]
+    if group["scaling"] is None and group["residual"] == "drop":
+        upd = qstate_fused.adam_update(state, low, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       k=k, alpha=-group["lr"] * scale / (1.0 - beta1**k),
+                                       style=group["adam_style"])
+        if upd is not None:  # 8-bit moments: decode, Adam and encode in one compiled pass
+            return None, 1.0, None, upd.to(g.dtype)
     m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     low_m = low.to(m.dtype)
-    scale = group["scale"]
     if group["scaling"] is None and group["residual"] == "drop" and hasattr(
             torch, "_fused_adamw_") and low_m.device.type in ("cpu", "cuda"):
         # GaLore: the low-rank step is AdamW's update of a zero "parameter" (one fused pass
