@@ -96,7 +96,11 @@ def test_fira_with_a_quantised_basis_equals_equation_6_with_the_formed_residual(
 
 
 @pytest.mark.parametrize("shape", [(24, 12), (12, 20)])
-def test_in_place_back_projection_equals_up_then_add(shape):
+@pytest.mark.parametrize("temp_max", [1 << 24, 0])  # GEMM + add, or addmm_ accumulation
+def test_in_place_back_projection_equals_up_then_add(shape, temp_max, monkeypatch):
+    from rankwise.optim import projector
+
+    monkeypatch.setattr(projector, "ADD_UP_TEMP_MAX", temp_max)
     proj = ro.make_projector("randomized", shape, 4, seed=1)
     proj.update(_g(shape, 0), 0)
     low = torch.randn(proj.low_shape)

@@ -8,8 +8,9 @@ For a projected (m, n) weight at step t (0-based, before the step), in the state
 3. delta = scale * up(N) [+ residual term] (or G * s for APOLLO scaling);
 4. W -= eta * delta, with decoupled decay before (torch style) or after (galore style).
 
-The weight is written once per step by in-place ops (``addcmul_``, one ``addmm_`` GEMM for the
-low-rank part: no (m, n) temporary), or, with ``stochastic_rounding`` on a bf16 weight, into
+The weight is written once per step by in-place ops (``addcmul_``; the low-rank part by one
+GEMM and one add, `Projector.add_up_`, or ``addmm_`` with no (m, n) temporary for matrices
+over 2^24 entries), or, with ``stochastic_rounding`` on a bf16 weight, into
 an fp32 copy rounded back stochastically (`precision.round_stochastic_`); a Q-GaLore quantised
 weight (qweight.py) is always updated through a dequantised fp32 copy and re-quantised.
 """
@@ -81,10 +82,12 @@ def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, s
     target = _target(w, group)
     if bits == 8 and target is w and (style == "torch" or not wd):
         upd = qstate_fused.adam_update(state, g, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                       k=k, alpha=-lr / (1.0 - beta1**k), style=style)
-        if upd is not None:  # one compiled pass over codes, scales and G
-            ofn.decoupled_decay_(w, lr, wd)
-            w.add_(upd.to(w.dtype))
+                                       k=k, alpha=-lr / (1.0 - beta1**k), style=style,
+                                       param=w, decay=1.0 - lr * wd)
+        if upd is not None:  # one compiled pass over codes, scales, G (and W)
+            if upd is not w:
+                ofn.decoupled_decay_(w, lr, wd)
+                w.add_(upd.to(w.dtype))
             return
     m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     if _fusable(w, g, m, target, group):

@@ -56,15 +56,22 @@ def _adam8(g: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, vc: torch.Tensor
     return out
 
 
-def _kernel() -> Any:
+def _adam8_into(w: torch.Tensor, decay: torch.Tensor, *args: torch.Tensor) -> None:
+    """`_adam8` that also writes the weight: w <- w * decay + update (no update tensor)."""
+    w.copy_(w * decay + _adam8(*args))
+
+
+def _kernel(into: bool) -> Any:
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_adam8, dynamic=True)
-    return _compiled
+        _compiled = (torch.compile(_adam8, dynamic=True),
+                     torch.compile(_adam8_into, dynamic=True))
+    return _compiled[1 if into else 0]
 
 
 def adam_update(state: dict[str, Any], g: torch.Tensor, *, beta1: float, beta2: float,
-                eps: float, k: int, alpha: float, style: str) -> torch.Tensor | None:
+                eps: float, k: int, alpha: float, style: str, param: torch.Tensor | None = None,
+                decay: float = 1.0) -> torch.Tensor | None:
     """Adam's step on the 8-bit moments ``exp_avg`` / ``exp_avg_sq`` of `state` (qstate
     layout) for gradient `g` at moment step `k`, in one fused pass (moments updated in place).
 
@@ -72,7 +79,10 @@ def adam_update(state: dict[str, Any], g: torch.Tensor, *, beta1: float, beta2: 
     alpha = -lr / bc1: torch's AdamW step; eps' = eps for the "torch" style, eps / sqrt(bc2)
     for "galore", whose eps is added to sqrt(V): the identity of
     `lowrank_update._fused_adamw`), or None when the fused path does not apply (fp32 moments,
-    fewer than `MIN_FUSED` entries, torch.compile unavailable)."""
+    fewer than `MIN_FUSED` entries, torch.compile unavailable). With `param` (a contiguous
+    fp32 tensor of g's size filling whole blocks) the pass also applies
+    ``param <- param * decay + update`` and returns `param`: the weight is read and written
+    once, and no update-sized tensor is allocated (the embedding's is 113 MB on SmolLM2)."""
     global _disabled
     pre_m, pre_v = "exp_avg_q_", "exp_avg_sq_q_"
     if _disabled or pre_m + "codes" not in state or g.numel() < MIN_FUSED:
@@ -87,10 +97,16 @@ def adam_update(state: dict[str, Any], g: torch.Tensor, *, beta1: float, beta2: 
     pad = mc.numel() - flat.numel()
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    scalars = torch.tensor([beta1, beta2, 1.0 / math.sqrt(bc2), eps_, alpha],
-                           dtype=torch.float32, device=g.device)
+    scalars = torch.tensor([beta1, beta2, 1.0 / math.sqrt(bc2), eps_, alpha, decay],
+                           dtype=torch.float32, device=g.device).unbind()
+    args = (flat.view(mc.shape), mc, ms, vc, vs, *scalars[:5])
+    into = (param is not None and not pad and param.dtype == torch.float32
+            and param.is_contiguous() and param.device == mc.device)
     try:
-        out = _kernel()(flat.view(mc.shape), mc, ms, vc, vs, *scalars.unbind())
+        if into:
+            _kernel(True)(param.view(mc.shape), scalars[5], *args)
+            return param
+        out = _kernel(False)(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, once
         _disabled = True
         logger.warning("fused 8-bit Adam unavailable (%s: %s); using the eager codec",
