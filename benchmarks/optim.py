@@ -680,6 +680,17 @@ def report(res: dict[str, Any]) -> str:
             lines.append(f"| {label} | {r['projected_vs_bf16']:.4f} | "
                          f"{r['projected_vs_fp32']:.4f} | {r['model_vs_bf16']:.4f} | "
                          f"{r['model_vs_fp32']:.4f} |")
+    if "step_before_after" in res:
+        ab = res["step_before_after"]
+        lines += ["", f"## Step before / after the 8-bit and back-projection work ({ab['date']}; "
+                  f"medians of {ab['rounds']} interleaved rounds, one process, shared machine)",
+                  "", "before: eager 8-bit codec (qstate.py) and addmm_ accumulation; after: the "
+                  "compiled 8-bit pass (qstate_fused.py) and GEMM + add.", "",
+                  "| optimizer | before x galore-torch | after x galore-torch | "
+                  "galore-torch step s |", "|---|---|---|---|"]
+        for label, r in ab["rows"].items():
+            lines.append(f"| {label} | {r['before']:.2f} | {r['after']:.2f} | "
+                         f"{r['galore_torch_step_s']:.3f} |")
     for m in s.get("remeasured", []):
         lines += ["", f"Rows re-measured on {m['date']} (the rest are from the full run; each "
                   "row's ratios are against the baselines of its own run, the machine shared): "
@@ -775,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved refresh-timing rounds")
     ap.add_argument("--labels", nargs="+", default=None,
                     help="only these optimizers (torch AdamW and galore-torch always run)")
+    ap.add_argument("--step-ab", action="store_true",
+                    help="only the same-run before/after step ratios of --labels (kept in "
+                         "OUT/optim.json next to the earlier results)")
     ap.add_argument("--from-json", action="store_true",
                     help="rebuild optim.md/png and the goals from OUT/optim.json (no runs)")
     args = ap.parse_args(argv)
@@ -790,6 +804,15 @@ def main(argv: list[str] | None = None) -> int:
         return _write_outputs(res, args.out)
     global TARGETS, LABELS
     LABELS = args.labels
+    if args.step_ab:
+        import json
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        torch.set_num_threads(args.threads)
+        res = json.loads((args.out / "optim.json").read_text())
+        res["step_before_after"] = bench_step_before_after(args.labels or [], args.rounds)
+        write_json(args.out / "optim.json", res)
+        return _write_outputs(res, args.out)
     if args.quick:
         TARGETS = r"model\.layers\.[01]\.(self_attn|mlp)\.\w+_proj"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -830,6 +853,49 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "optim.json", res)  # raw numbers first: --from-json rebuilds the rest
     return _write_outputs(res, args.out)
+
+
+def bench_step_before_after(labels: list[str], rounds: int) -> dict[str, Any]:
+    """Optimizer-step time of each label vs galore-torch, "before" (the eager 8-bit codec,
+    qstate.py, and back-projection accumulated by addmm_) and "after" (the compiled 8-bit pass,
+    qstate_fused.py, and GEMM + add), the three interleaved in one process on the same held
+    SmolLM2 gradients, so load hits them alike."""
+    from rankwise.models import load_model
+    from rankwise.optim import projector, qstate_fused
+
+    model = load_model("smollm2-135m")
+    model.train()
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    factories = make_optimizers(lr_scale=0.01)
+
+    def stepper(opt: Any, before: bool) -> Callable[[], None]:
+        def run() -> None:
+            saved = qstate_fused._disabled, projector.ADD_UP_TEMP_MAX
+            if before:
+                qstate_fused._disabled, projector.ADD_UP_TEMP_MAX = True, 0
+            try:
+                opt.step()
+            finally:
+                qstate_fused._disabled, projector.ADD_UP_TEMP_MAX = saved
+        return run
+
+    rows = {}
+    for label in labels:
+        _trim()
+        peer = factories["galore-torch GaLoreAdamW"](model)
+        fns = {"galore-torch": peer.step, "before": stepper(factories[label](model), True),
+               "after": stepper(factories[label](model), False)}
+        for fn in fns.values():  # state creation, refresh (and the compile): untimed
+            fn()
+        times = _interleaved(fns, rounds)
+        ref = _median(times["galore-torch"])
+        rows[label] = {"galore_torch_step_s": ref,
+                       "before": _median(times["before"]) / ref,
+                       "after": _median(times["after"]) / ref}
+        logging.getLogger(__name__).info("%s: %s", label, rows[label])
+        del fns, peer
+    return {"rounds": rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
 def _merge_rows(res: dict[str, Any], smol: dict[str, Any], dtypes: dict[str, Any],
