@@ -786,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved refresh-timing rounds")
     ap.add_argument("--labels", nargs="+", default=None,
                     help="only these optimizers (torch AdamW and galore-torch always run)")
+    ap.add_argument("--skip-state-dtypes", action="store_true",
+                    help="with --smollm-only --labels: keep the earlier bf16/fp32 state bytes")
     ap.add_argument("--step-ab", action="store_true",
                     help="only the same-run before/after step ratios of --labels (kept in "
                          "OUT/optim.json next to the earlier results)")
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((args.out / "optim.json").read_text())
         smol = bench_smollm(steps=args.steps, seq_len=64, batch_size=2,
                             repeat=args.repeat, rounds=args.rounds)
-        dtypes = bench_state_dtypes()
+        dtypes = {} if args.skip_state_dtypes else bench_state_dtypes()
         if LABELS is None:
             res["smollm2"], res["state_dtypes"] = smol, dtypes
         else:  # only the named rows are replaced; every other row keeps its earlier run
@@ -907,7 +909,9 @@ def _merge_rows(res: dict[str, Any], smol: dict[str, Any], dtypes: dict[str, Any
         for dt, rows in dtypes.items():
             if label in rows:
                 res["state_dtypes"][dt][label] = rows[label]
-    res["smollm2"].setdefault("remeasured", []).append(
+    earlier = [m for m in res["smollm2"].get("remeasured", []) if m["labels"] != list(labels)]
+    res["smollm2"]["remeasured"] = earlier
+    res["smollm2"]["remeasured"].append(
         {"labels": list(labels), "date": time.strftime("%Y-%m-%d"),
          "galore_torch_step_s": smol["optimizers"]["galore-torch GaLoreAdamW"]["step_s"]})
 
