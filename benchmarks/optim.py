@@ -693,8 +693,10 @@ def report(res: dict[str, Any]) -> str:
                          f"{r['galore_torch_step_s']:.3f} |")
     for m in s.get("remeasured", []):
         lines += ["", f"Rows re-measured on {m['date']} (the rest are from the full run; each "
-                  "row's ratios are against the baselines of its own run, the machine shared): "
-                  + ", ".join(m["labels"]) + "."]
+                  "row's ratios are against the baselines of its own run, the machine shared: "
+                  f"galore-torch's step took {m['galore_torch_step_s']:.2f} s in it, so load was "
+                  "heavy and ratios of one run vary by ~0.2; the before/after table above is "
+                  "the controlled comparison): " + ", ".join(m["labels"]) + "."]
     lines += ["", "## Goals", ""] + [f"- {g}" for g in res["goals"]] + [""]
     return "\n".join(lines)
 
