@@ -104,6 +104,7 @@ def make_optimizers(lr_scale: float = 1.0) -> dict[str, Callable[[nn.Module], An
         "galore_adamw (svd)": preset("galore_adamw", lr=1e-2),
         "galore_adamw (randomized)": preset("galore_adamw", lr=1e-2, projector="randomized"),
         "galore_adamw (svd, int8 projector)": preset("galore_adamw", lr=1e-2, proj_bits=8),
+        "galore_adamw (svd, int4 projector)": preset("galore_adamw", lr=1e-2, proj_bits=4),
         "galore_adamw (svd, bf16 projector)": preset(
             "galore_adamw", lr=1e-2, proj_options={"dtype": torch.bfloat16}),
         "galore_adafactor": preset("galore_adafactor", lr=1e-2),
@@ -365,6 +366,7 @@ def _summarise(results, refresh, refresh_res, model, numel_proj, steps, seq_len,
                      "galore_adamw (randomized)": "randomized", "galore_adafactor": "svd",
                      "galore_adamw8bit": "svd", "q_galore_adamw8bit": "svd int4 (q_galore)",
                      "galore_adamw (svd, int8 projector)": "svd int8",
+                     "galore_adamw (svd, int4 projector)": "svd int4 (q_galore)",
                      "galore_adamw (svd, bf16 projector)": "svd",
                      "fira": "svd", "frugal": "svd", "apollo": "random", "apollo_mini": "random",
                      "dct_adamw": "dct"}
@@ -399,7 +401,8 @@ def _summarise(results, refresh, refresh_res, model, numel_proj, steps, seq_len,
 # ----------------------------------------------------------------------------- bf16 state
 
 BF16_LABELS = ("torch AdamW", "galore-torch GaLoreAdamW", "galore_adamw (svd)",
-               "galore_adamw (svd, int8 projector)", "q_galore_adamw8bit", "galore_adamw8bit",
+               "galore_adamw (svd, int8 projector)", "galore_adamw (svd, int4 projector)",
+               "q_galore_adamw8bit", "galore_adamw8bit",
                "fira", "apollo", "apollo_mini", "dct_adamw", "galore_adamw (fp32 state)")
 
 
@@ -530,7 +533,8 @@ def bench_tiny(steps: int, seq_len: int, batch_size: int, gap: int) -> dict[str,
 
 
 def bench_8bit(steps: int, shape: tuple[int, int] = (1536, 144)) -> dict[str, Any]:
-    """Own blockwise int8 moments (rankwise.linalg.quant, sqrt(V) storage) vs torchao's
+    """Own blockwise int8 moments (qstate.py; fused by torch.compile, qstate_fused.py, and the
+    eager codec) vs torchao's
     AdamW8bit (dynamic-tree int8, the bitsandbytes map) vs fp32 AdamW on one matrix the size
     of a low-rank moment, with heavy-tailed gradients: update error and step time."""
     gen = torch.Generator().manual_seed(0)
@@ -538,20 +542,28 @@ def bench_8bit(steps: int, shape: tuple[int, int] = (1536, 144)) -> dict[str, An
     grads = [torch.randn(shape, generator=gen) * torch.randn(shape, generator=gen).exp()
              for _ in range(steps)]
 
-    def run(make):
+    from rankwise.optim import qstate_fused
+
+    def run(make, eager=False):
         w = nn.Parameter(w0.clone())
         opt = make(w)
         times = []
-        for g in grads:
-            w.grad = g
-            t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+        was, qstate_fused._disabled = qstate_fused._disabled, eager or qstate_fused._disabled
+        try:
+            for g in grads:
+                w.grad = g
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+        finally:
+            qstate_fused._disabled = was
         return w.detach(), times, profiling.optimizer_state_bytes(opt)
 
     makers = {
         "fp32 AdamW (torch)": lambda w: torch.optim.AdamW([w], lr=1e-3, weight_decay=0.0),
         "rankwise int8 (state_bits=8)": lambda w: ro.LowRankOptimizer(
+            [w], lr=1e-3, state_bits=8, min_8bit_size=0, block_size=256),
+        "rankwise int8, eager codec": lambda w: ro.LowRankOptimizer(
             [w], lr=1e-3, state_bits=8, min_8bit_size=0, block_size=256),
     }
     try:
@@ -564,7 +576,7 @@ def bench_8bit(steps: int, shape: tuple[int, int] = (1536, 144)) -> dict[str, An
     out: dict[str, Any] = {"shape": list(shape), "steps": steps}
     ref = None
     for label, make in makers.items():
-        w, times, nbytes = run(make)
+        w, times, nbytes = run(make, eager="eager" in label)
         if ref is None:
             ref = w
         rest = sorted(times[1:])
@@ -657,6 +669,34 @@ def report(res: dict[str, Any]) -> str:
                          f"{fp[label]['projected_ratio_vs_adamw']:.3f} |")
         lines += ["", "galore-torch's rows leave out its projector objects (not tensors in the "
                   "state; see above)."]
+    if "quantized_weights" in res:
+        q = res["quantized_weights"]
+        lines += ["", "## Q-GaLore quantised weights (rankwise.optim.quantize_weights_): weight "
+                  f"bytes of SmolLM2-135M's {q['projected_params'] / 1e6:.1f}M projected "
+                  "entries (codes + fp32 group scales; computed, not trained)", "",
+                  "| store | projected x bf16 | projected x fp32 | whole model x bf16 | "
+                  "whole model x fp32 |", "|---|---|---|---|---|"]
+        for label, r in q["rows"].items():
+            lines.append(f"| {label} | {r['projected_vs_bf16']:.4f} | "
+                         f"{r['projected_vs_fp32']:.4f} | {r['model_vs_bf16']:.4f} | "
+                         f"{r['model_vs_fp32']:.4f} |")
+    if "step_before_after" in res:
+        ab = res["step_before_after"]
+        lines += ["", f"## Step before / after the 8-bit and back-projection work ({ab['date']}; "
+                  f"medians of {ab['rounds']} interleaved rounds, one process, shared machine)",
+                  "", "before: eager 8-bit codec (qstate.py) and addmm_ accumulation; after: the "
+                  "compiled 8-bit pass (qstate_fused.py) and GEMM + add.", "",
+                  "| optimizer | before x galore-torch | after x galore-torch | "
+                  "galore-torch step s |", "|---|---|---|---|"]
+        for label, r in ab["rows"].items():
+            lines.append(f"| {label} | {r['before']:.2f} | {r['after']:.2f} | "
+                         f"{r['galore_torch_step_s']:.3f} |")
+    for m in s.get("remeasured", []):
+        lines += ["", f"Rows re-measured on {m['date']} (the rest are from the full run; each "
+                  "row's ratios are against the baselines of its own run, the machine shared: "
+                  f"galore-torch's step took {m['galore_torch_step_s']:.2f} s in it, so load was "
+                  "heavy and ratios of one run vary by ~0.2; the before/after table above is "
+                  "the controlled comparison): " + ", ".join(m["labels"]) + "."]
     lines += ["", "## Goals", ""] + [f"- {g}" for g in res["goals"]] + [""]
     return "\n".join(lines)
 
@@ -711,7 +751,10 @@ def goals(res: dict[str, Any]) -> list[str]:
         bf = res["state_dtypes"]["bfloat16"]
         for label, goal in (("apollo", 0.25), ("dct_adamw", 0.25), ("galore_adamw (svd)", 0.27),
                             ("galore_adamw (svd, int8 projector)", 0.27),
+                            ("galore_adamw (svd, int4 projector)", 0.27),
                             ("q_galore_adamw8bit", 0.27)):
+            if label not in bf:
+                continue
             x = bf[label]["projected_ratio_vs_adamw"]
             lines.append(f"bf16 state over projected matrices, {label}: {x:.3f}x AdamW on the "
                          f"same bf16 model ({'meets' if x <= goal + 5e-4 else 'misses'} "
@@ -745,6 +788,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved refresh-timing rounds")
     ap.add_argument("--labels", nargs="+", default=None,
                     help="only these optimizers (torch AdamW and galore-torch always run)")
+    ap.add_argument("--skip-state-dtypes", action="store_true",
+                    help="with --smollm-only --labels: keep the earlier bf16/fp32 state bytes")
+    ap.add_argument("--step-ab", action="store_true",
+                    help="only the same-run before/after step ratios of --labels (kept in "
+                         "OUT/optim.json next to the earlier results)")
     ap.add_argument("--from-json", action="store_true",
                     help="rebuild optim.md/png and the goals from OUT/optim.json (no runs)")
     args = ap.parse_args(argv)
@@ -760,6 +808,15 @@ def main(argv: list[str] | None = None) -> int:
         return _write_outputs(res, args.out)
     global TARGETS, LABELS
     LABELS = args.labels
+    if args.step_ab:
+        import json
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        torch.set_num_threads(args.threads)
+        res = json.loads((args.out / "optim.json").read_text())
+        res["step_before_after"] = bench_step_before_after(args.labels or [], args.rounds)
+        write_json(args.out / "optim.json", res)
+        return _write_outputs(res, args.out)
     if args.quick:
         TARGETS = r"model\.layers\.[01]\.(self_attn|mlp)\.\w+_proj"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -769,9 +826,15 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         res = json.loads((args.out / "optim.json").read_text())
-        res["smollm2"] = bench_smollm(steps=args.steps, seq_len=64, batch_size=2,
-                                      repeat=args.repeat, rounds=args.rounds)
-        res["state_dtypes"] = bench_state_dtypes()
+        smol = bench_smollm(steps=args.steps, seq_len=64, batch_size=2,
+                            repeat=args.repeat, rounds=args.rounds)
+        dtypes = {} if args.skip_state_dtypes else bench_state_dtypes()
+        if LABELS is None:
+            res["smollm2"], res["state_dtypes"] = smol, dtypes
+        else:  # only the named rows are replaced; every other row keeps its earlier run
+            _merge_rows(res, smol, dtypes, LABELS)
+            res["state_8bit"] = bench_8bit(steps=100)
+        res["quantized_weights"] = bench_qweight_bytes()
         res["machine"] = (f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
                           "shared with ~8 concurrent jobs (load average ~20 on 2 cores): "
                           "only ratios measured interleaved in one process mean anything")
@@ -794,6 +857,87 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "optim.json", res)  # raw numbers first: --from-json rebuilds the rest
     return _write_outputs(res, args.out)
+
+
+def bench_step_before_after(labels: list[str], rounds: int) -> dict[str, Any]:
+    """Optimizer-step time of each label vs galore-torch, "before" (the eager 8-bit codec,
+    qstate.py, and back-projection accumulated by addmm_) and "after" (the compiled 8-bit pass,
+    qstate_fused.py, and GEMM + add), the three interleaved in one process on the same held
+    SmolLM2 gradients, so load hits them alike."""
+    from rankwise.models import load_model
+    from rankwise.optim import projector, qstate_fused
+
+    model = load_model("smollm2-135m")
+    model.train()
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    factories = make_optimizers(lr_scale=0.01)
+
+    def stepper(opt: Any, before: bool) -> Callable[[], None]:
+        def run() -> None:
+            saved = qstate_fused._disabled, projector.ADD_UP_TEMP_MAX
+            if before:
+                qstate_fused._disabled, projector.ADD_UP_TEMP_MAX = True, 0
+            try:
+                opt.step()
+            finally:
+                qstate_fused._disabled, projector.ADD_UP_TEMP_MAX = saved
+        return run
+
+    rows = {}
+    for label in labels:
+        _trim()
+        peer = factories["galore-torch GaLoreAdamW"](model)
+        fns = {"galore-torch": peer.step, "before": stepper(factories[label](model), True),
+               "after": stepper(factories[label](model), False)}
+        for fn in fns.values():  # state creation, refresh (and the compile): untimed
+            fn()
+        times = _interleaved(fns, rounds)
+        ref = _median(times["galore-torch"])
+        rows[label] = {"galore_torch_step_s": ref,
+                       "before": _median(times["before"]) / ref,
+                       "after": _median(times["after"]) / ref}
+        logging.getLogger(__name__).info("%s: %s", label, rows[label])
+        del fns, peer
+    return {"rounds": rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+
+
+def _merge_rows(res: dict[str, Any], smol: dict[str, Any], dtypes: dict[str, Any],
+                labels: list[str]) -> None:
+    """Put the re-measured rows `labels` of a ``--labels`` run into the earlier results (each
+    row's ratios were taken against the baselines of its own run, so rows stay comparable)."""
+    for label in labels:
+        res["smollm2"]["optimizers"][label] = smol["optimizers"][label]
+        for dt, rows in dtypes.items():
+            if label in rows:
+                res["state_dtypes"][dt][label] = rows[label]
+    earlier = [m for m in res["smollm2"].get("remeasured", []) if m["labels"] != list(labels)]
+    res["smollm2"]["remeasured"] = earlier
+    res["smollm2"]["remeasured"].append(
+        {"labels": list(labels), "date": time.strftime("%Y-%m-%d"),
+         "galore_torch_step_s": smol["optimizers"]["galore-torch GaLoreAdamW"]["step_s"]})
+
+
+def bench_qweight_bytes() -> dict[str, Any]:
+    """Q-GaLore's quantised weights on SmolLM2-135M's projected matrices: bytes of the codes +
+    group scales (`rankwise.optim.qweight.quantized_weight_bytes`) vs the same matrices in
+    bf16 / fp32, and for the whole model (embedding and norms kept in bf16 / fp32)."""
+    from rankwise.models import load_model
+    from rankwise.optim.qweight import quantized_weight_bytes
+
+    model = load_model("smollm2-135m")
+    shapes = [tuple(p.shape) for p in _projected(model)]
+    n = sum(math.prod(s) for s in shapes)
+    total = sum(p.numel() for p in model.parameters())
+    rows = {}
+    for bits in (8, 4):
+        for group in (256, 64):
+            q = sum(quantized_weight_bytes(s, bits, group) for s in shapes)
+            rows[f"int{bits}, group {group}"] = {
+                "bytes": q, "projected_vs_bf16": q / (2 * n), "projected_vs_fp32": q / (4 * n),
+                "model_vs_bf16": (q + 2 * (total - n)) / (2 * total),
+                "model_vs_fp32": (q + 4 * (total - n)) / (4 * total)}
+    return {"projected_params": n, "total_params": total, "rows": rows}
 
 
 def _write_outputs(res: dict[str, Any], out: Path) -> int:

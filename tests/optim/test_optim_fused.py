@@ -96,7 +96,11 @@ def test_fira_with_a_quantised_basis_equals_equation_6_with_the_formed_residual(
 
 
 @pytest.mark.parametrize("shape", [(24, 12), (12, 20)])
-def test_in_place_back_projection_equals_up_then_add(shape):
+@pytest.mark.parametrize("temp_max", [1 << 24, 0])  # GEMM + add, or addmm_ accumulation
+def test_in_place_back_projection_equals_up_then_add(shape, temp_max, monkeypatch):
+    from rankwise.optim import projector
+
+    monkeypatch.setattr(projector, "ADD_UP_TEMP_MAX", temp_max)
     proj = ro.make_projector("randomized", shape, 4, seed=1)
     proj.update(_g(shape, 0), 0)
     low = torch.randn(proj.low_shape)
@@ -128,3 +132,37 @@ def test_8bit_codec_round_trip_within_half_a_step_and_leaves_its_input_alone(nam
     err = (comp(back).reshape(-1) - comp(x).reshape(-1)).abs()
     assert (err <= step.expand(7, 64).reshape(-1)[: x.numel()] * (1 + 1e-5) + 1e-7).all()
     assert st[f"{name}_q_codes"].dtype == torch.int8 and st[f"{name}_q_codes"].shape == (7, 64)
+
+
+@pytest.mark.parametrize(("style", "weight_decay"), [("torch", 0.1), ("galore", 0.0)])
+def test_compiled_8bit_adam_equals_the_eager_codec(monkeypatch, style, weight_decay):
+    """qstate_fused (decode, Adam, encode in one compiled pass) against qstate's eager read ->
+    torch's fused AdamW -> write, on a plain 8-bit moment and a projected one, both above
+    MIN_FUSED entries; galore style folds eps into eps / sqrt(bc2)."""
+    from rankwise.optim import qstate_fused
+
+    if qstate_fused._disabled:
+        pytest.skip("torch.compile is unavailable here (RANKWISE_COMPILE=0 or no compiler)")
+
+    def run(fused):
+        monkeypatch.setattr(qstate_fused, "_disabled", not fused)
+        w = torch.nn.Parameter(_g((160, 128), 0))  # 20480 entries: fused when allowed
+        e = torch.nn.Parameter(_g((144, 128), 1))  # projected, rank 128: (144, 128) moments
+        opt = ro.LowRankOptimizer([{"params": [w]}, {"params": [e], "projector": "svd",
+                                                      "rank": 128, "update_proj_gap": 2}],
+                                  lr=1e-2, state_bits=8, adam_style=style,
+                                  weight_decay=weight_decay, min_8bit_size=0)
+        for t in range(4):
+            w.grad, e.grad = _g((160, 128), 10 + t) * 1e-2, _g((144, 128), 20 + t) * 1e-2
+            opt.step()
+        assert qstate_fused._disabled is not fused  # the compiled path ran: no fallback
+        return w.detach() - _g((160, 128), 0), e.detach() - _g((144, 128), 1), opt
+
+    fused, eager = run(True), run(False)
+    for a, b in zip(fused[:2], eager[:2], strict=True):
+        assert float((a - b).norm() / b.norm()) < 2e-3  # rounding of the codes only
+    for p_f, p_e in zip(fused[2].state.values(), eager[2].state.values(), strict=True):
+        codes = [k for k in p_f if k.endswith("_codes")]
+        assert codes
+        for k in codes:
+            assert float((p_f[k] != p_e[k]).float().mean()) < 0.01

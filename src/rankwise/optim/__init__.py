@@ -2,7 +2,7 @@
 
 One optimizer class (`LowRankOptimizer`) over ordinary param groups, one projector
 abstraction (`Projector`: svd / randomized / dct / random / random_orthogonal / randperm /
-identity,
+randk / identity,
 optionally int8/int4-quantised with lazy refresh), pure update rules (`functional`), and
 layer-wise updates during backward (`LayerwiseUpdates`). Named methods are presets, registered
 on ``rankwise.registry.registry("optimizer")`` (`PRESETS` and `available` are views of it):
@@ -33,6 +33,7 @@ from rankwise.optim.projector import (
     DCTProjector,
     IdentityProjector,
     Projector,
+    RandKProjector,
     RandomizedSVDProjector,
     RandomOrthogonalProjector,
     RandomProjector,
@@ -43,6 +44,7 @@ from rankwise.optim.projector import (
     resolve_side,
 )
 from rankwise.optim.projector_q import QuantizedProjector
+from rankwise.optim.qweight import QuantizedWeightLinear, quantize_weights_
 
 
 def available() -> list[str]:
@@ -63,6 +65,8 @@ __all__ = [
     "Preset",
     "Projector",
     "QuantizedProjector",
+    "QuantizedWeightLinear",
+    "RandKProjector",
     "RandomOrthogonalProjector",
     "RandPermProjector",
     "RandomProjector",
@@ -74,6 +78,7 @@ __all__ = [
     "make_projector",
     "merge_weight_norm",
     "param_groups",
+    "quantize_weights_",
     "register_preset",
     "register_projector",
     "resolve_side",

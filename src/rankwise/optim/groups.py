@@ -146,6 +146,11 @@ def validate(group: dict[str, Any], index: int) -> None:
     if group["scaling"] is not None and group["residual"] != "drop":
         raise ValueError(f"group {index}: scaling={group['scaling']!r} (APOLLO) already updates "
                          "the whole gradient: use residual='drop'")
+    if kind == "randk" and (group["scaling"] is not None or group["rule"] == "adafactor"
+                            or group["moment_policy"] == "reproject"):
+        raise ValueError(f"group {index}: projector='randk' (FRUGAL's per-entry RandK) keeps "
+                         "K separate entries: use rule 'adam' or 'sgd', no scaling, and "
+                         "moment_policy 'reset' or 'keep'")
     if group["rule"] == "adafactor" and (
         group["residual"] != "drop" or group["scaling"] is not None or group["state_bits"] != 32
         or group["moment_policy"] == "reproject"

@@ -8,9 +8,11 @@ For a projected (m, n) weight at step t (0-based, before the step), in the state
 3. delta = scale * up(N) [+ residual term] (or G * s for APOLLO scaling);
 4. W -= eta * delta, with decoupled decay before (torch style) or after (galore style).
 
-The weight is written once per step by in-place ops (``addcmul_``, one ``addmm_`` GEMM for the
-low-rank part: no (m, n) temporary), or, with ``stochastic_rounding`` on a bf16 weight, into
-an fp32 copy rounded back stochastically (`precision.round_stochastic_`).
+The weight is written once per step by in-place ops (``addcmul_``; the low-rank part by one
+GEMM and one add, `Projector.add_up_`, or ``addmm_`` with no (m, n) temporary for matrices
+over 2^24 entries), or, with ``stochastic_rounding`` on a bf16 weight, into
+an fp32 copy rounded back stochastically (`precision.round_stochastic_`); a Q-GaLore quantised
+weight (qweight.py) is always updated through a dequantised fp32 copy and re-quantised.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from rankwise.optim import distributed as dist_
-from rankwise.optim import full_gradient, qstate
+from rankwise.optim import full_gradient, qstate, qstate_fused, qweight
 from rankwise.optim import functional as ofn
 from rankwise.optim.groups import state_dtype
 from rankwise.optim.precision import round_stochastic_
@@ -39,15 +41,25 @@ def init_counters(state: dict[str, Any]) -> None:
 
 
 def _target(w: torch.Tensor, group: dict) -> torch.Tensor:
-    """What the update writes into: `w`, or an fp32 copy to round back stochastically."""
+    """What the update writes into: `w`, or an fp32 copy to round back stochastically (a bf16
+    weight with ``stochastic_rounding``; a quantised weight's proxy, qweight.py: always)."""
+    store = qweight.store_of(w)
+    if store is not None:
+        return store.dequantize(torch.float32)
     if group["stochastic_rounding"] and w.dtype == torch.bfloat16:
         return w.float()
     return w
 
 
 def _commit(w: torch.Tensor, target: torch.Tensor, state: dict, seed: int) -> None:
-    if target is not w:
-        round_stochastic_(w, target, seed * 1_000_003 + int(state["step"]))
+    if target is w:
+        return
+    seed = seed * 1_000_003 + int(state["step"])
+    store = qweight.store_of(w)
+    if store is not None:  # Q-GaLore: W + dW back to int8/int4 by stochastic rounding
+        store.requantize_(target, seed)
+    else:
+        round_stochastic_(w, target, seed)
 
 
 def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, seed: int) -> None:
@@ -67,8 +79,17 @@ def plain_adamw(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, s
     state["step"] += 1
     state["moment_step"] += 1
     k = int(state["moment_step"])
-    m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     target = _target(w, group)
+    if bits == 8 and target is w and (style == "torch" or not wd):
+        upd = qstate_fused.adam_update(state, g, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       k=k, alpha=-lr / (1.0 - beta1**k), style=style,
+                                       param=w, decay=1.0 - lr * wd)
+        if upd is not None:  # one compiled pass over codes, scales, G (and W)
+            if upd is not w:
+                ofn.decoupled_decay_(w, lr, wd)
+                w.add_(upd.to(w.dtype))
+            return
+    m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     if _fusable(w, g, m, target, group):
         _fused_adamw(w, g.to(m.dtype), m, v, k, group)
         qstate.write(state, "exp_avg", m)
@@ -174,9 +195,15 @@ def adam_delta(g: torch.Tensor, low: torch.Tensor, proj: Projector, group: dict,
     ``W += alpha * full * mult + up(low_term)`` (None terms left out; `mult` broadcasts:
     a per-channel or 0-d scale, so that the product is never formed)."""
     beta1, beta2 = group["betas"]
+    scale = group["scale"]
+    if group["scaling"] is None and group["residual"] == "drop":
+        upd = qstate_fused.adam_update(state, low, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                       k=k, alpha=-group["lr"] * scale / (1.0 - beta1**k),
+                                       style=group["adam_style"])
+        if upd is not None:  # 8-bit moments: decode, Adam and encode in one compiled pass
+            return None, 1.0, None, upd.to(g.dtype)
     m, v = qstate.read(state, "exp_avg"), qstate.read(state, "exp_avg_sq")
     low_m = low.to(m.dtype)
-    scale = group["scale"]
     if group["scaling"] is None and group["residual"] == "drop" and hasattr(
             torch, "_fused_adamw_") and low_m.device.type in ("cpu", "cuda"):
         # GaLore: the low-rank step is AdamW's update of a zero "parameter" (one fused pass

@@ -90,7 +90,8 @@ for _p in (
             "proj_options": {"lazy_threshold": 0.4, "lazy_gamma": 2, "lazy_queue": 5}},
            {**_GALORE_ADAM, "eps": 1e-8, "state_bits": 8, "lr": 0.015},
            "Q-GaLore: int4 projector (group 256), lazy layer-adaptive refresh (cos 0.4, x2), "
-           "8-bit moments (INT8 weights: not implemented here, the weights keep their dtype)."),
+           "8-bit moments. INT8 weights with stochastic rounding (its §3.4): call "
+           "rankwise.optim.quantize_weights_(model) before create()."),
     Preset("fira", {**_GALORE, "residual": "fira", "limiter": True}, dict(_GALORE_ADAM),
            "Fira (Chen et al. 2024): GaLore + residual scaled per channel by ||N||/||R|| and the "
            "norm-growth limiter (gamma 1.01)."),
@@ -100,7 +101,8 @@ for _p in (
            {"lr": 1e-3, "eps": 1e-8, "adam_style": "torch"},
            "FRUGAL (Zmushko et al. 2024, Algorithm 1): Adam in a subspace (reset on refresh), "
            "signSGD on the rest. Subspace: projector='svd' (default), 'random_orthogonal' "
-           "(random), 'randperm' (random columns/rows: the coordinate variant), or "
+           "(random), 'randperm' (random columns/rows: the coordinate variant), 'randk' (K random "
+           "entries, FRUGAL's RandK; K = rank x max(m, n)), or "
            "block_order='random'|'ascending'|'descending'|'mirror' (block-wise: whole "
            "matrices, its main pretraining setting). Density rank_fraction / block_density 0.25; "
            "proj_lr_scale multiplies the lr of the projected part."),
@@ -132,10 +134,28 @@ for _p in (
 
 
 def _default_targets(model: nn.Module) -> list[nn.Module]:
+    from rankwise.optim.qweight import QuantizedWeightLinear
+
     return [
         m for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and ("attn" in name or "mlp" in name)
+        if isinstance(m, nn.Linear | QuantizedWeightLinear) and ("attn" in name or "mlp" in name)
     ]
+
+
+def _targeted(model: nn.Module, target_modules: Sequence[str] | str) -> list[nn.Module]:
+    """Modules named by `target_modules`, plus every Q-GaLore quantised linear (qweight.py:
+    `find_modules` knows linear types only, and a quantised weight is always projected)."""
+    from rankwise.optim.qweight import QuantizedWeightLinear
+    from rankwise.surgery import find_modules
+
+    quantised = [m for m in model.modules() if isinstance(m, QuantizedWeightLinear)]
+    try:
+        modules = list(find_modules(model, target_modules).values())
+    except ValueError:
+        if not quantised:
+            raise
+        modules = []
+    return modules + quantised
 
 
 def _matrix_of(module: nn.Module) -> list[torch.Tensor]:
@@ -172,9 +192,7 @@ def param_groups(
     if target_modules is None:
         modules = _default_targets(model)
     else:
-        from rankwise.surgery import find_modules
-
-        modules = list(find_modules(model, target_modules).values())
+        modules = _targeted(model, target_modules)
     chosen: dict[int, torch.Tensor] = {}
     for module in modules:
         for p in _matrix_of(module):

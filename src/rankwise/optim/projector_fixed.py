@@ -174,3 +174,68 @@ class RandPermProjector(Projector):
         idx = self.state["proj_idx"].long()
         dim = 1 if self.side == "right" else 0
         return grad.clone().index_add_(dim, idx, low.to(grad.dtype), alpha=-1.0)
+
+
+class RandKProjector(Projector):
+    """K individual entries of the (m, n) gradient drawn uniformly without replacement at every
+    refresh: FRUGAL's per-entry coordinate variant (Zmushko et al. 2024, §4, "RandK"). The
+    selected entries form the state-full subspace (Adam on K values), the rest get the
+    state-free rule (`residual`, signSGD in the ``frugal`` preset).
+
+    K = ``rank * max(m, n)`` by default, the number of entries a rank-r projection of this
+    matrix keeps (so ``rank_fraction`` is FRUGAL's density: K ~ density * m * n), or the
+    ``k`` option. The state keeps the K sorted flat indices (int32 when m n < 2^31); moments
+    have the "low" shape (1, K). `down` is a gather, `up` a scatter-add, no GEMM. Entries have
+    no matrix basis, so moment_policy "reproject", Adafactor and APOLLO scaling are refused
+    (groups.validate)."""
+
+    kind = "randk"
+    dense = False
+
+    @property
+    def k(self) -> int:
+        m, n = self.shape
+        k = self.options.get("k")
+        k = int(k) if k is not None else self.rank * max(m, n)
+        if not 1 <= k <= m * n:
+            raise ValueError(f"randk: k={k} must be in [1, m n = {m * n}]")
+        return k
+
+    @property
+    def low_shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return (1, self.k)
+
+    def _compute(self, grad: torch.Tensor, step: int) -> None:
+        numel = self.shape[0] * self.shape[1]
+        gen = torch.Generator(device="cpu").manual_seed(self.current_seed())
+        idx = torch.randperm(numel, generator=gen)[: self.k].sort().values
+        dtype = torch.int32 if numel < 2**31 else torch.int64
+        self.state["proj_idx"] = idx.to(device=grad.device, dtype=dtype)
+
+    def _dense_basis(self) -> torch.Tensor:
+        raise ValueError("the randk projector selects entries, not a subspace basis: use "
+                         "moment_policy 'reset' or 'keep' (FRUGAL resets)")
+
+    def first_vector(self) -> torch.Tensor:
+        raise ValueError("the randk projector has no basis vector: lazy refresh "
+                         "(lazy_threshold) needs a matrix projector")
+
+    def _flat_idx(self) -> torch.Tensor:
+        return self.state["proj_idx"].long()
+
+    def down(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(-1).index_select(0, self._flat_idx()).view(self.low_shape)
+
+    def up(self, low: torch.Tensor) -> torch.Tensor:
+        return self.add_up_(low.new_zeros(self.shape), low)
+
+    def add_up_(self, out: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        if not out.is_contiguous():
+            return out.add_(self.up(low.to(out.dtype)))
+        out.view(-1).index_add_(0, self._flat_idx(), low.reshape(-1).to(out.dtype))
+        return out
+
+    def residual(self, grad: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        res = grad.contiguous().clone()
+        res.view(-1).index_add_(0, self._flat_idx(), low.reshape(-1).to(res.dtype), alpha=-1.0)
+        return res
