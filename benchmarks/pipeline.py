@@ -117,7 +117,8 @@ def run_ratio(args: argparse.Namespace, dense: Any, tok: Any, ratio: float, cach
                     heal_minutes=minutes, eval_tokens=args.eval_tokens, heal_clock=args.heal_clock,
                     **{k: v for k, v in (("heal_method", args.heal_method), ("heal_data", args.heal_data)) if v},
                     compensation_ranks=tuple(args.compensation_ranks), progress=False, cache=cache,
-                    heal_steps=args.heal_steps, calibration=args.calibration,
+                    heal_steps=args.heal_steps,
+                    **({"calibration": args.calibration} if args.calibration is not None else {}),
                     teacher_samples=args.teacher_samples, method=args.method, allocation=args.allocation,
                     compensation=not args.no_compensation)
     total = time.perf_counter() - t
