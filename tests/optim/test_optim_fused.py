@@ -139,9 +139,9 @@ def test_compiled_8bit_adam_equals_the_eager_codec(monkeypatch, style, weight_de
     """qstate_fused (decode, Adam, encode in one compiled pass) against qstate's eager read ->
     torch's fused AdamW -> write, on a plain 8-bit moment and a projected one, both above
     MIN_FUSED entries; galore style folds eps into eps / sqrt(bc2)."""
-    from rankwise.optim import qstate_fused
-
     import shutil
+
+    from rankwise.optim import qstate_fused
 
     if qstate_fused._disabled or not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("torch.compile is unavailable here (RANKWISE_COMPILE=0 or no C++ compiler): "
