@@ -37,7 +37,7 @@ from torch import nn
 
 from rankwise.compress.base import InputStats, ObservedStats
 from rankwise.layers.factorized import FactorizedLinear
-from rankwise.linalg._checks import all_finite as _all_finite
+from rankwise.linalg import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _gram_factor(gram: torch.Tensor, kind: str, damping: float, eig_floor: float
     """
     from rankwise import linalg
 
-    if not linalg.all_finite(gram):  # no full-size temporaries (see rankwise.linalg.all_finite)
+    if not all_finite(gram):  # no full-size temporaries (see rankwise.linalg.all_finite)
         raise ValueError("the Gram contains NaN or Inf: the calibration activations overflowed")
     if gram.dtype == torch.float64 and gram.dim() == 2:
         g = linalg.symmetrize_(gram)
@@ -282,7 +282,7 @@ class WhitenedSVD(ObservedStats):
         if fqn in self._cache:
             return self._cache[fqn]
         weight = _weight(module)
-        if not _all_finite(weight):
+        if not all_finite(weight):
             raise ValueError(f"weight of {fqn!r} contains NaN or Inf: it cannot be factorised")
         stats = self.stats_.get(fqn)
         gram = stats.gram if stats is not None and self.config.whitener in ("cholesky", "eigh") else None

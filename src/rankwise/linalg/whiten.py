@@ -142,6 +142,12 @@ def eigh_whitener(gram: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, 
     return W, W_inv
 
 
+def _check_nonsingular_lower(L: torch.Tensor) -> None:
+    """Refuse a triangular factor with a zero on its diagonal (singular)."""
+    if bool((torch.diagonal(L, dim1=-2, dim2=-1) == 0).any()):
+        raise ValueError("L has a zero on its diagonal (singular): factor the Gram with jitter (cholesky)")
+
+
 def inverse_lower(L: torch.Tensor) -> torch.Tensor:
     """L^{-1} (..., n, n) of a lower-triangular L by triangular solve, in fp64.
 
@@ -150,8 +156,7 @@ def inverse_lower(L: torch.Tensor) -> torch.Tensor:
     """
     validate_square(L, "L")
     L64 = L.to(torch.float64)
-    if bool((torch.diagonal(L64, dim1=-2, dim2=-1) == 0).any()):
-        raise ValueError("L has a zero on its diagonal (singular): factor the Gram with jitter (cholesky)")
+    _check_nonsingular_lower(L64)
     eye = torch.eye(L64.shape[-1], dtype=torch.float64, device=L64.device).expand_as(L64)
     return torch.linalg.solve_triangular(L64, eye, upper=False)
 
@@ -167,8 +172,7 @@ def solve_lower_right(X: torch.Tensor, L: torch.Tensor, *, transpose: bool = Fal
     if X.shape[-1] != L.shape[-1]:
         raise ValueError(f"X has {X.shape[-1]} columns but L is {tuple(L.shape)}")
     L64 = L.to(torch.float64)
-    if bool((torch.diagonal(L64, dim1=-2, dim2=-1) == 0).any()):
-        raise ValueError("L has a zero on its diagonal (singular): factor the Gram with jitter (cholesky)")
+    _check_nonsingular_lower(L64)
     X64 = X.to(torch.float64)
     if transpose:  # X L^-T = (L^-1 X^T)^T
         return torch.linalg.solve_triangular(L64, X64.mT, upper=False).mT
