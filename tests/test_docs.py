@@ -36,6 +36,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,7 @@ DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARKER = re.compile(r"doc-test:\s*(.*)", re.S)
 REPLACE = re.compile(r'replace\s+"((?:[^"\\]|\\.)*)"\s+with\s+"((?:[^"\\]|\\.)*)"')
+FORK_CLIENT = str(Path(__file__).with_name("docs_fork.py"))
 TIMEOUT_S = 600  # per file, for a loaded machine; all docs together take ~90 s on two idle cores
 
 
@@ -122,8 +125,11 @@ import json, os, subprocess, sys
 blocks = json.load(open(sys.argv[1], encoding="utf-8"))
 namespace = {"__name__": "__main__"}
 prelude = ('set -euo pipefail\n'
-           'rankwise() { "%s" -c "import sys; from rankwise.cli import main; sys.exit(main())" "$@"; }\n'
-           'make() { echo "doc-test: make $* is not run here"; }\n' % sys.executable)
+           'rankwise() { if [ -n "${RANKWISE_DOCS_FORK:-}" ]; then '
+           '"%s" -S "%s" "$RANKWISE_DOCS_FORK" cli "$@"; else '
+           '"%s" -c "import sys; from rankwise.cli import main; sys.exit(main())" "$@"; fi; }\n'
+           'make() { echo "doc-test: make $* is not run here"; }\n'
+           % (sys.executable, os.environ.get("RANKWISE_DOCS_FORK_CLIENT", ""), sys.executable))
 import time
 for b in blocks:
     start = time.perf_counter()
@@ -138,6 +144,31 @@ for b in blocks:
             sys.exit(f"{b['file']}:{b['line']}: bash block failed with exit status {done.returncode}")
     print(f"--- {b['file']}:{b['line']} done in {time.perf_counter() - start:.1f} s", flush=True)
 '''
+
+
+def _docs_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", TQDM_DISABLE="1")
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory) -> Iterator[str]:
+    """The socket of a `docs_fork` server (imports once, forks per command); "" when
+    RANKWISE_DOCS_FORK=0 asks for a fresh interpreter per command instead."""
+    if os.environ.get("RANKWISE_DOCS_FORK") == "0":
+        yield ""
+        return
+    path = str(tmp_path_factory.mktemp("fork") / "docs.sock")
+    server = subprocess.Popen([sys.executable, FORK_CLIENT, "serve", path], env=_docs_env())
+    deadline = time.monotonic() + 300
+    while not os.path.exists(path):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the docs fork server did not start (exit status {server.poll()})")
+        time.sleep(0.05)
+    yield path
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -226,7 +257,7 @@ def test_markers_parse_and_apply(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
-def test_doc_blocks_run(path, tiny_models, tmp_path):
+def test_doc_blocks_run(path, tiny_models, fork_server, tmp_path):
     blocks = _prepare(path, tiny_models)
     if not blocks:
         pytest.skip(f"{path.name} has no runnable blocks")
@@ -234,11 +265,12 @@ def test_doc_blocks_run(path, tiny_models, tmp_path):
     (tmp_path / "runner.py").write_text(_RUNNER, encoding="utf-8")
     work = tmp_path / "work"
     work.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", TQDM_DISABLE="1")
+    env = dict(_docs_env(), RANKWISE_DOCS_FORK=fork_server, RANKWISE_DOCS_FORK_CLIENT=FORK_CLIENT)
+    runner = [str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")]
+    command = [sys.executable, "-S", FORK_CLIENT, fork_server, "run", *runner] if fork_server else \
+        [sys.executable, *runner]
     try:
-        done = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")],
-                              cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         out, err = (_text(exc.stdout), _text(exc.stderr))
         pytest.fail(f"{path.name}: blocks still running after {TIMEOUT_S} s (shorten them with "
