@@ -21,3 +21,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first: the torchrun group (one xdist unit, ~100 s), then modules with `slow`
+    tests, then those loading a real model, then the rest (collection order kept within a tier
+    and a module). Two xdist workers then finish together instead of one idling while the other
+    runs a long unit that was handed out last."""
+    def tier(item: pytest.Item) -> int:
+        for rank, marker in enumerate(("xdist_group", "slow", "real_model")):
+            if item.get_closest_marker(marker):
+                return rank
+        return 3
+
+    module_tier: dict[str, int] = {}
+    for item in items:
+        module_tier[item.module.__name__] = min(module_tier.get(item.module.__name__, 3), tier(item))
+    items.sort(key=lambda item: module_tier[item.module.__name__])

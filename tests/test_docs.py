@@ -255,6 +255,7 @@ def test_markers_parse_and_apply(tmp_path):
         parse(doc)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.parametrize("path", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
 def test_doc_blocks_run(path, tiny_models, fork_server, tmp_path):
