@@ -9,6 +9,10 @@ Conventions (for anyone writing docs; keep each file's blocks under ~15 s here):
 - A ```bash block runs with `bash -euo pipefail` in the same folder. `rankwise` there is this
   checkout's CLI (`python -m rankwise.cli`). `make ...` lines are not run (make is what runs
   this test); every other command is.
+- Speed: the block runner and every `rankwise` command are forks of one server per xdist
+  worker that imported torch, transformers and rankwise once (tests/docs_fork.py): still a
+  separate process each, with its own argv, folder, environment, stdio and exit status, minus
+  ~4 s of imports. `RANKWISE_DOCS_FORK=0` runs each in a fresh interpreter instead.
 - Other fences (```text, ```console, plain ```) are output or illustrations, and never run.
 - Markers: HTML comments directly above the opening fence (invisible on GitHub), or the same
   text in a comment inside the block (`# doc-test: ...`):
@@ -294,3 +298,29 @@ def test_version_flag_prints_the_package_version(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"rankwise {rankwise.__version__}"
     assert rankwise.__version__ == importlib.metadata.version("rankwise")
+
+
+def test_a_forked_command_keeps_its_status_output_folder_and_environment(fork_server, tmp_path):
+    """A docs command run through the fork server fails, prints and sees its folder and
+    environment as a fresh process would: otherwise a broken docs block could pass."""
+    if not fork_server:
+        pytest.skip("RANKWISE_DOCS_FORK=0: no fork server")
+    script = tmp_path / "script.py"
+    script.write_text("import os, signal, sys\n"
+                      "print(os.getcwd(), os.environ['DOCS_FORK_PROBE'], sys.argv[1:])\n"
+                      "if sys.argv[1] == 'signal': os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else 0)\n")
+    env = dict(_docs_env(), DOCS_FORK_PROBE="seen")
+
+    def client(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-S", FORK_CLIENT, fork_server, *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    done = client("run", str(script), "3")
+    assert done.returncode == 3 and done.stdout.split() == [str(tmp_path), "seen", "['3']"]
+    assert client("run", str(script), "signal").returncode == -15  # the client dies the same way
+    bad = client("cli", "no-such-command")
+    assert bad.returncode == 2 and "no-such-command" in bad.stderr
+    import rankwise
+
+    assert client("cli", "--version").stdout.strip().endswith(rankwise.__version__)
