@@ -24,7 +24,7 @@ numeric leaf is classified by its name (and its parents' names):
   ``--time-band`` (default 1/3-3): the machine is a shared 2-core box whose load average moved
   between ~1 and ~8 while these results were made, so absolute times carry load, not behaviour.
 
-Metadata (settings, environment, load averages, labels) is not compared; differing settings are
+Metadata (settings, environment, load averages, labels, a whole run's wall time) is not compared; differing settings are
 listed, since only figures made with equal settings are comparable. Writes OUT/reproduce.json and
 OUT/reproduce.md (OUT: benchmarks/results); a hand-written ``--notes`` file explaining the
 differences is included in the report.
@@ -52,6 +52,8 @@ ID_KEYS = ("task", "method", "base", "compensation", "allocation", "ratio", "dat
 META_KEYS = {"settings", "environment", "machine", "env", "platform", "torch", "python", "cpus",
              "threads", "quick", "label", "note", "benchmark", "peer", "defaults", "error"}
 META_PATTERN = re.compile(r"load(avg|_before|_after|avg_at_end)")
+# Wall time of a whole (possibly partial) run or section: depends on what was run, not a figure.
+RUN_TOTALS = {"seconds", "total_seconds", "merged_seconds", "runtime_s", "section_seconds"}
 TIMING_RATIO = re.compile(r"speedup|step_time_ratio|_over_base|latency_vs_dense|floor_ratio|slope_in")
 TIMING_ABS = re.compile(r"seconds|(^|_)s$|^t_|(^|_)ms$|time|latency|per_s$|runtime|wall")
 QUALITY_NAMES = {"latency_batch"}  # a setting whose name says latency
@@ -73,7 +75,7 @@ def leaves(obj: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
     repeats; their key fields are not figures), plain lists by position. Metadata is skipped."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in META_KEYS or META_PATTERN.search(k):
+            if k in META_KEYS or META_PATTERN.search(k) or (k in RUN_TOTALS and len(path) <= 1):
                 continue
             yield from leaves(v, (*path, str(k)))
     elif isinstance(obj, list):
@@ -140,7 +142,7 @@ def compare(committed: dict[str, Any], rerun: dict[str, Any], *, rel_tol: float 
     rows_old, rows_new = {row_of(p) for p in old}, {row_of(p) for p in new}
     common_rows = rows_old & rows_new
     counts = {c: {"compared": 0, "agree": 0, "differ": 0} for c in ("quality", "timing_ratio", "timing")}
-    exact, differ, timing_ratios, missing, flags = 0, [], {"timing_ratio": [], "timing": []}, [], []
+    exact, worst, differ, timing_ratios, missing, flags = 0, 0.0, [], {"timing_ratio": [], "timing": []}, [], []
     for path in sorted(old.keys() | new.keys()):
         if row_of(path) not in common_rows:
             continue
@@ -159,6 +161,7 @@ def compare(committed: dict[str, Any], rerun: dict[str, Any], *, rel_tol: float 
             ok = agree(a, b, rel_tol, abs_tol)
             exact += a == b
             rel = abs(a - b) / max(abs(a), abs(b)) if a != b else 0.0
+            worst = max(worst, rel) if ok else worst
         else:
             ratio = b / a if a else (1.0 if b == a else math.inf)
             lo, hi = ratio_band if kind == "timing_ratio" else time_band
@@ -171,7 +174,8 @@ def compare(committed: dict[str, Any], rerun: dict[str, Any], *, rel_tol: float 
                            "rel_diff" if kind == "quality" else "rerun_over_committed": rel})
     return {"rows_committed": len(rows_old), "rows_rerun": len(rows_new), "rows_compared": len(common_rows),
             "rows_not_rerun": sorted(rows_old - rows_new), "rows_new": sorted(rows_new - rows_old),
-            "counts": counts, "quality_bitwise_equal": exact, "differences": differ,
+            "counts": counts, "quality_bitwise_equal": exact,
+            "quality_max_rel_diff_agreeing": worst, "differences": differ,
             "timing_spread": {k: _spread(v) for k, v in timing_ratios.items()},
             "one_side_only": missing, "flags_changed": flags,
             "settings_differ": _settings_diff(committed.get("settings"), rerun.get("settings"))}
@@ -220,14 +224,16 @@ def markdown(report: dict[str, Any], notes: str = "") -> str:
     if notes:
         lines += [notes.rstrip(), ""]
     lines += ["## Summary", "",
-              "| benchmark | rows re-run / committed | quality agree / compared (bitwise equal) | "
+              "| benchmark | rows re-run / committed | quality agree / compared (bitwise equal; largest "
+              "rel. diff among the agreeing) | "
               "timing ratios in band / compared (median rerun/committed) | "
               "absolute times in band / compared (median) |", "|---|---|---|---|---|"]
     for name, r in report["benchmarks"].items():
         c, sp = r["counts"], r["timing_spread"]
         med = {k: f" ({sp[k]['median']:.2f})" if sp.get(k) else "" for k in ("timing_ratio", "timing")}
         lines.append(f"| {name} | {r['rows_compared']} / {r['rows_committed']} | {c['quality']['agree']} / "
-                     f"{c['quality']['compared']} ({r['quality_bitwise_equal']}) | {c['timing_ratio']['agree']} / "
+                     f"{c['quality']['compared']} ({r['quality_bitwise_equal']}; {r['quality_max_rel_diff_agreeing']:.1e}) | "
+                     f"{c['timing_ratio']['agree']} / "
                      f"{c['timing_ratio']['compared']}{med['timing_ratio']} | {c['timing']['agree']} / "
                      f"{c['timing']['compared']}{med['timing']} |")
     for name, r in report["benchmarks"].items():
