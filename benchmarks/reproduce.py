@@ -20,9 +20,11 @@ numeric leaf is classified by its name (and its parents' names):
   reader of the tables would notice.
 - interleaved timing ratio (speed-ups, step-time ratios, latency / dense; measured side by side
   in one process): re-run / committed must lie in ``--ratio-band`` (default 0.67-1.5).
-- absolute timing (seconds, ms, tokens/s, sweep time): re-run / committed must lie in
+- absolute measurement (seconds, ms, tokens/s, sweep time, peak RSS): re-run / committed must lie in
   ``--time-band`` (default 1/3-3): the machine is a shared 2-core box whose load average moved
-  between ~1 and ~8 while these results were made, so absolute times carry load, not behaviour.
+  between ~1 and ~8 while these results were made, so absolute times carry load, not behaviour (a
+  peak RSS carries allocator and OS state). Counted memory (parameters, gradients, optimizer
+  state, saved activations: rankwise.profiling's tensor sums) is a quality figure.
 
 Metadata (settings, environment, load averages, labels, a whole run's wall time) is not compared; differing settings are
 listed, since only figures made with equal settings are comparable. Writes OUT/reproduce.json and
@@ -116,6 +118,8 @@ def classify(path: Path_, value: Any) -> str:
     for name in names:
         if name.startswith("goal"):
             return "other"
+        if "peak" in name:  # a process's peak RSS: allocator and OS state, measured like a time
+            return "timing"
         if "bytes" in name or "memory" in name or name in QUALITY_NAMES:
             return "quality"
         if TIMING_RATIO.search(name):
@@ -219,7 +223,7 @@ def markdown(report: dict[str, Any], notes: str = "") -> str:
              "are matched by their identifying keys; rows not re-run are not compared.", "",
              f"Quality figures agree when integers are equal and floats are within rel {t['rel_tol']:g} "
              f"(+ abs {t['abs_tol']:g}); interleaved timing ratios when re-run / committed lies in "
-             f"{t['ratio_band'][0]:g}-{t['ratio_band'][1]:g}; absolute times (seconds, tokens/s) in "
+             f"{t['ratio_band'][0]:g}-{t['ratio_band'][1]:g}; absolute measurements (seconds, tokens/s, peak RSS) in "
              f"{t['time_band'][0]:.3g}-{t['time_band'][1]:g} (shared 2-core machine, load varied ~1-8).", ""]
     if notes:
         lines += [notes.rstrip(), ""]

@@ -115,7 +115,8 @@ def test_classify_uses_leaf_then_named_parent_never_a_table(rep):
     assert rep.classify(("latency", "[config=uniform,ratio=0.1]", "ratio_model"), 0.08) == "quality"
     assert rep.classify(("latency", "[config=uniform,ratio=0.1]", "latency_vs_dense"), 0.99) == "timing_ratio"
     assert rep.classify(("scaling", "sweep_seconds_vs_k", "exact", "[2]"), 0.1) == "timing"
-    assert rep.classify(("timing", "[n=512]", "exact", "peak_bytes"), 2**20) == "quality"
+    assert rep.classify(("timing", "[n=512]", "exact", "peak_bytes"), 2**20) == "timing"  # peak RSS
+    assert rep.classify(("memory", "optimizer_state"), 2**20) == "quality"  # counted bytes
     assert rep.classify(("cells", "[m=4]", "goal_met"), True) == "other"
 
 
