@@ -49,7 +49,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # Keys that identify a row of a table (a dict in a list); everything else in a row is a figure.
 ID_KEYS = ("task", "method", "base", "compensation", "allocation", "ratio", "data", "config", "decay",
-           "m", "n", "shape", "rank", "damping", "calib_tokens", "update_tokens", "step", "name", "seed")
+           "m", "n", "shape", "rank", "damping", "calib_tokens", "update_tokens", "compensation_rank",
+           "update_target", "step", "name", "seed")
 # Leaves that describe the run, not its results.
 META_KEYS = {"settings", "environment", "machine", "env", "platform", "torch", "python", "cpus",
              "threads", "quick", "label", "note", "benchmark", "peer", "defaults", "error"}
