@@ -83,7 +83,8 @@ class Smol:
     def __init__(self, args: argparse.Namespace, res: dict[str, Any], save: Any) -> None:
         import rankwise
         from rankwise.compress import find_targets
-        from rankwise.compress.api import _capture, calibration_ids
+        from rankwise.compress.calibration import calibration_ids
+        from rankwise.compress.calibration import capture as _capture  # was compress.api._capture
 
         self.args, self.res, self.save = args, res, save
         t0 = time.perf_counter()
@@ -152,7 +153,7 @@ class Smol:
 def section_grid(s: Smol) -> None:
     """Every one-shot method x allocation x ratio on cached SVDs."""
     from rankwise.compress import compress_
-    from rankwise.compress.api import _capture
+    from rankwise.compress.calibration import capture as _capture  # was api._capture
 
     args = s.args
     if "fwsvd" in args.methods:
@@ -199,7 +200,8 @@ def section_search(s: Smol) -> None:
     """Training-free variants at 20 %, most promising first: Gram damping (regularises the
     whitening), 2x the calibration tokens, EoRA inside the same budget, the original target."""
     from rankwise.compress import compress_
-    from rankwise.compress.api import _capture, calibration_ids
+    from rankwise.compress.calibration import calibration_ids
+    from rankwise.compress.calibration import capture as _capture  # was compress.api._capture
 
     ratio, upd = 0.2, s.ids[: s.args.update_samples]
 
@@ -309,7 +311,8 @@ SMOL_SECTIONS = {"grid": section_grid, "sequential": section_sequential, "search
 def minilm(args: argparse.Namespace) -> dict[str, Any]:
     import rankwise
     from rankwise.compress import build_compressor, compress_, find_targets
-    from rankwise.compress.api import _capture, calibration_ids
+    from rankwise.compress.calibration import calibration_ids
+    from rankwise.compress.calibration import capture as _capture  # was compress.api._capture
     from rankwise.data import load_topics
     from rankwise.eval import embed, nearest_centroid_accuracy
     from rankwise.surgery import restore

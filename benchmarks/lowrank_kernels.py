@@ -636,10 +636,13 @@ def _md(results: dict) -> str:
 
 
 def main() -> int:
+    global OUT  # --out: the report and the plots write to OUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     parser.add_argument("--quick", action="store_true", help="smaller grids (smoke run)")
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder (default: benchmarks/results)")
     args = parser.parse_args()
+    OUT = args.out
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:

@@ -357,6 +357,8 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from-json", action="store_true",
                         help="re-render pretrain.md and .png from results/pretrain.json")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args()
     if args.only is not None:
         args.runs = [k for k in args.only.split(",") if k]
@@ -371,22 +373,22 @@ def main() -> None:
     if args.from_json:
         from rankwise.io import read_json
 
-        report = read_json(RESULTS / "pretrain.json")
-        write_text(RESULTS / "pretrain.md", markdown(report))
-        plot(report, RESULTS / "pretrain.png")
+        report = read_json(args.out / "pretrain.json")
+        write_text(args.out / "pretrain.md", markdown(report))
+        plot(report, args.out / "pretrain.png")
         return
     report = run(args)
     if args.merge:
         from rankwise.io import read_json
 
-        old = read_json(RESULTS / "pretrain.json")
+        old = read_json(args.out / "pretrain.json")
         if old["settings"] != report["settings"]:
             raise SystemExit("--merge needs the settings of results/pretrain.json: "
                              f"{old['settings']} vs {report['settings']}")
         old["runs"].update(report["runs"])
         old["merged_seconds"] = old.get("merged_seconds", 0) + report["total_seconds"]
         report = old
-    out = RESULTS if not args.quick else Path("/tmp/rankwise-pretrain-quick")
+    out = args.out if not args.quick else Path("/tmp/rankwise-pretrain-quick")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pretrain.json", report)
     write_text(out / "pretrain.md", markdown(report))
