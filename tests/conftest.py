@@ -23,7 +23,27 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a run whose xdist groups would be silently ignored.
+
+    `make test` runs `--dist loadgroup`: each `xdist_group` (the torchrun tests, the tests that
+    write the real models' cache) must run on one worker. pytest-xdist 3.8 marks them by setting
+    a node's `_nodeid`; pytest 9.2 derives `nodeid` from elsewhere, so the groups' tests spread
+    over both workers and their module fixtures (torchrun launches) run twice."""
+    from _pytest.nodes import Node  # the property pytest-xdist's grouping relies on
+
+    if config.getoption("dist", "no") == "loadgroup" and "_nodeid" not in Node.nodeid.fget.__code__.co_names:
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} ignores pytest-xdist's xdist_group under --dist loadgroup: "
+            "install the pytest the dev extra pins (`pip install -e .[dev]`)")
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _longest_first(items)
+
+
+def _longest_first(items: list[pytest.Item]) -> None:
     """Longest first: the torchrun group (one xdist unit, ~100 s), then modules with `slow`
     tests, then those loading a real model, then the rest (collection order kept within a tier
     and a module). Two xdist workers then finish together instead of one idling while the other
