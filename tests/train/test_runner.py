@@ -59,6 +59,25 @@ def test_cadence_and_history():
     assert runner.history["lrs"] == [0.1] * 6 and len(runner.history["step_seconds"]) == 6
 
 
+@pytest.mark.parametrize("every, drawn_at", [(60.0, [2, "finish"]), (0.0, [2, 4, 6, "finish"])])
+def test_the_loss_png_is_drawn_at_the_first_save_then_at_most_every_png_every_s(
+        tmp_path, monkeypatch, every, drawn_at):
+    """A save draws loss.png only if the last drawing is older than `png_every_s` (each costs
+    ~0.1 s); `finish` always draws, so the final curve is complete."""
+    from pathlib import Path
+
+    from rankwise.train import runner as runner_module
+
+    drawn: list = []
+    monkeypatch.setattr(runner_module, "write_loss_png",
+                        lambda path, losses, evals, title: drawn.append(len(losses)))
+    runner = Runner(total_steps=6, progress=False, save_every=2, png=tmp_path / "loss.png",
+                    png_every_s=every, save_fn=lambda s, _: Path(f"step-{s:06d}"))
+    runner.run(_Toy(), 0, 6)
+    runner.finish()
+    assert drawn == [n if n != "finish" else 6 for n in drawn_at]
+
+
 def test_pretrain_ctrl_c_saves_once_and_resume_is_exact(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     kw = {"steps": 8, "eval_every": 4, "save_every": 100, "export": False}

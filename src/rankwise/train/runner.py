@@ -13,7 +13,8 @@ The runner owns what every training loop needs and nothing that differs between 
   same step,
 * **rank 0 writes**: checkpoints go through `dist.on_rank0` between barriers, TensorBoard and
   the loss-curve PNG only on rank 0,
-* **logs**: TensorBoard scalars (`logs.RunLog`) and OUT/loss.png at every save and at the end.
+* **logs**: TensorBoard scalars (`logs.RunLog`) and OUT/loss.png at the end and at saves
+  (at most once a minute).
 
 A task is any object with the three per-step functions of `StepTask`:
 
@@ -126,7 +127,8 @@ class Runner:
             (healing's wall-clock budget). Rank 0's answer counts for every rank.
         tokens_per_step: global tokens per step, for the throughput log.
         log_dir: TensorBoard directory (None: no event files).
-        png: loss-curve PNG written at every save and by `finish` (None: none).
+        png: loss-curve PNG written by `finish` and at saves at most every `png_every_s`
+            seconds (None: none); drawing one costs ~0.1 s, a lot for runs that save often.
         progress: show the tqdm bar (rank 0 only).
         on_step: callback (step, seconds elapsed, loss) after each step.
         nonfinite_hint: the fix named when the loss is not finite.
@@ -147,11 +149,13 @@ class Runner:
     tokens_per_step: int | None = None
     log_dir: str | None = None
     png: Path | None = None
+    png_every_s: float = 60.0
     progress: bool = True
     on_step: Callable[[int, float, float], None] | None = None
     nonfinite_hint: str = "lower the learning rate"
     clock: Callable[[], float] = time.perf_counter
     last_saved: Path | None = None
+    _png_at: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.log = RunLog(self.log_dir, enabled=dist.is_main())
@@ -233,7 +237,7 @@ class Runner:
         written = dist.on_rank0(lambda: self.save_fn(done, collected))
         # other ranks know the checkpoint by its step (only its name is compared)
         self.last_saved = written if written is not None else Path(f"step-{done:06d}")
-        self._png()
+        self._png(force=False)
         return self.last_saved
 
     def saved_at(self, done: int) -> bool:
@@ -241,11 +245,15 @@ class Runner:
 
     def finish(self) -> None:
         """Close the logs and draw the final loss curve (rank 0)."""
-        self._png()
+        self._png(force=True)
         self.log.close()
 
-    def _png(self) -> None:
+    def _png(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and self._png_at is not None and now - self._png_at < self.png_every_s:
+            return
         if self.png is not None and dist.is_main() and self.history["losses"]:
+            self._png_at = now
             try:
                 write_loss_png(self.png, self.history["losses"], self.history["evals"],
                                title=self.desc)
