@@ -14,7 +14,7 @@ The runner owns what every training loop needs and nothing that differs between 
 * **rank 0 writes**: checkpoints go through `dist.on_rank0` between barriers, TensorBoard and
   the loss-curve PNG only on rank 0,
 * **logs**: TensorBoard scalars (`logs.RunLog`) and OUT/loss.png at the end and at saves
-  (at most once a minute).
+  (at most once a minute, none in the first minute).
 
 A task is any object with the three per-step functions of `StepTask`:
 
@@ -127,8 +127,9 @@ class Runner:
             (healing's wall-clock budget). Rank 0's answer counts for every rank.
         tokens_per_step: global tokens per step, for the throughput log.
         log_dir: TensorBoard directory (None: no event files).
-        png: loss-curve PNG written by `finish` and at saves at most every `png_every_s`
-            seconds (None: none); drawing one costs ~0.1 s, a lot for runs that save often.
+        png: loss-curve PNG written by `finish` and at saves once `png_every_s` seconds have
+            passed since the start or the last drawing (None: none); drawing one costs
+            ~0.1-0.2 s, most of a short run that saves often.
         progress: show the tqdm bar (rank 0 only).
         on_step: callback (step, seconds elapsed, loss) after each step.
         nonfinite_hint: the fix named when the loss is not finite.
@@ -155,10 +156,11 @@ class Runner:
     nonfinite_hint: str = "lower the learning rate"
     clock: Callable[[], float] = time.perf_counter
     last_saved: Path | None = None
-    _png_at: float | None = field(default=None, init=False, repr=False)
+    _png_at: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.log = RunLog(self.log_dir, enabled=dist.is_main())
+        self._png_at = time.monotonic()  # saves in a run's first minute draw nothing
 
     # ------------------------------------------------------------------ the loop
     def run(self, task: StepTask, start: int, stop: int | None = None) -> RunOutcome:
@@ -250,7 +252,7 @@ class Runner:
 
     def _png(self, *, force: bool) -> None:
         now = time.monotonic()
-        if not force and self._png_at is not None and now - self._png_at < self.png_every_s:
+        if not force and now - self._png_at < self.png_every_s:
             return
         if self.png is not None and dist.is_main() and self.history["losses"]:
             self._png_at = now
