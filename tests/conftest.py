@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _longest_first(items: list[pytest.Item]) -> None:
-    """Longest first: the torchrun group (one xdist unit, ~100 s), then modules with `slow`
+    """Longest first: the xdist groups (each one unit, the torchrun group the longest), then modules with `slow`
     tests, then those loading a real model, then the rest (collection order kept within a tier
     and a module). Two xdist workers then finish together instead of one idling while the other
     runs a long unit that was handed out last."""

@@ -128,12 +128,12 @@ _RUNNER = r'''
 import json, os, subprocess, sys
 blocks = json.load(open(sys.argv[1], encoding="utf-8"))
 namespace = {"__name__": "__main__"}
+fork = os.environ.get("RANKWISE_DOCS_FORK")
+cli = ('"%s" -S "%s" "%s" cli' % (sys.executable, os.environ["RANKWISE_DOCS_FORK_CLIENT"], fork) if fork
+       else '"%s" -c "import sys; from rankwise.cli import main; sys.exit(main())"' % sys.executable)
 prelude = ('set -euo pipefail\n'
-           'rankwise() { if [ -n "${RANKWISE_DOCS_FORK:-}" ]; then '
-           '"%s" -S "%s" "$RANKWISE_DOCS_FORK" cli "$@"; else '
-           '"%s" -c "import sys; from rankwise.cli import main; sys.exit(main())" "$@"; fi; }\n'
-           'make() { echo "doc-test: make $* is not run here"; }\n'
-           % (sys.executable, os.environ.get("RANKWISE_DOCS_FORK_CLIENT", ""), sys.executable))
+           'rankwise() { %s "$@"; }\n'
+           'make() { echo "doc-test: make $* is not run here"; }\n' % cli)
 import time
 for b in blocks:
     start = time.perf_counter()

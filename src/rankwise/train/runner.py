@@ -156,11 +156,11 @@ class Runner:
     nonfinite_hint: str = "lower the learning rate"
     clock: Callable[[], float] = time.perf_counter
     last_saved: Path | None = None
-    _png_at: float = field(default=0.0, init=False, repr=False)
+    # the last drawing's time; starting at construction, saves in a run's first minute draw nothing
+    _png_at: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.log = RunLog(self.log_dir, enabled=dist.is_main())
-        self._png_at = time.monotonic()  # saves in a run's first minute draw nothing
 
     # ------------------------------------------------------------------ the loop
     def run(self, task: StepTask, start: int, stop: int | None = None) -> RunOutcome:
